@@ -1,0 +1,202 @@
+"""Configuration objects for the network sizes, the hardware number formats and the sparsity.
+
+Every check here runs before a tensor is built, and every error names the config key that
+breaks the constraint, so a bad sweep value fails in milliseconds instead of mid-training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a model or hardware constraint."""
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    """Number formats of the fixed-point datapath (DESIGN §3).
+
+    ``activation_bits`` (A) and ``weight_bits`` (W) are signed widths; ``precision_bits`` (P)
+    is the width at which biases are added before the final rounding shift, so the
+    residual ``P - A`` bits carry the fraction.
+    """
+
+    activation_bits: int = 12
+    weight_bits: int = 12
+    precision_bits: int = 16
+    block_in: int = 12  # PI
+    block_out: int = 12  # PO
+    accumulator_bits: int = 40
+    multiplier_bits: int = 16
+    shift_bits: int = 6
+    name: str = "w12a12"
+
+    def __post_init__(self) -> None:
+        a, w, p = self.activation_bits, self.weight_bits, self.precision_bits
+        if not 8 <= a <= 15:
+            raise ConfigError(f"hardware.activation_bits={a}: must lie in [8, 15] (8-bit symbols need A >= 8)")
+        if not 2 <= w <= 16:
+            raise ConfigError(f"hardware.weight_bits={w}: must lie in [2, 16]")
+        if p < a + 2:
+            raise ConfigError(f"hardware.precision_bits={p}: must be at least activation_bits + 2 = {a + 2}")
+        if p > 31:
+            raise ConfigError(f"hardware.precision_bits={p}: must be at most 31")
+        if not 2 <= self.multiplier_bits <= 24:
+            raise ConfigError(f"hardware.multiplier_bits={self.multiplier_bits}: must lie in [2, 24]")
+        if not 1 <= self.shift_bits <= 6:
+            raise ConfigError(f"hardware.shift_bits={self.shift_bits}: must lie in [1, 6] (shifts up to 63)")
+        if self.block_in < 1 or self.block_out < 1:
+            raise ConfigError("hardware.block_in and hardware.block_out must be positive")
+        if not a + w <= self.accumulator_bits <= 62:
+            raise ConfigError(
+                f"hardware.accumulator_bits={self.accumulator_bits}: must lie in [A + W, 62] = [{a + w}, 62]"
+            )
+
+    @property
+    def residual_bits(self) -> int:
+        return self.precision_bits - self.activation_bits
+
+    @property
+    def act_max(self) -> int:
+        return 2 ** (self.activation_bits - 1) - 1
+
+    @property
+    def weight_max(self) -> int:
+        return 2 ** (self.weight_bits - 1) - 1
+
+    @property
+    def multiplier_max(self) -> int:
+        return 2**self.multiplier_bits - 1
+
+    @property
+    def shift_max(self) -> int:
+        return 2**self.shift_bits - 1
+
+    @property
+    def latent_shift(self) -> int:
+        """log2 of the latent/hyper/context fixed scale's inverse (4 at A = 12)."""
+        return self.activation_bits - 8
+
+    @property
+    def latent_scale(self) -> float:
+        return 2.0 ** -self.latent_shift
+
+    @property
+    def tanh_in_shift(self) -> int:
+        return self.activation_bits - 4
+
+    @property
+    def tanh_out_shift(self) -> int:
+        return self.activation_bits - 2
+
+    @property
+    def image_max(self) -> int:
+        """Integer range of the network input x - 0.5 (255 at A = 12)."""
+        return 2 ** (min(self.activation_bits, 9) - 1) - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Channel widths of the network (DESIGN §2)."""
+
+    c1: int = 48
+    c2: int = 96
+    c3: int = 192
+    M: int = 192
+    N: int = 96
+
+    def __post_init__(self) -> None:
+        for key in ("c1", "c2", "c3", "M", "N"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model.{key}={value!r}: must be a positive integer")
+
+    def validate_against(self, hw: HardwareConfig) -> None:
+        """The block-sparse context layers tile M and 2M into PI x PO blocks."""
+        for key, channels in (("M", self.M), ("2*M", 2 * self.M)):
+            if channels % hw.block_in or channels % hw.block_out:
+                raise ConfigError(
+                    f"model.M={self.M}: {key}={channels} must be a multiple of "
+                    f"hardware.block_in={hw.block_in} and hardware.block_out={hw.block_out}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SPARSE_LAYERS = ("ctx1", "ctx2", "ep")
+DEFAULT_GROUP_NUM = {"ctx1": 3, "ctx2": 3, "ep": 4}
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Block density of the three sparse context layers (DESIGN §4).
+
+    ``density`` applies to every layer; ``layers`` overrides it per layer (keys ctx1, ctx2,
+    ep). With neither, the paper's group numbers (3, 3, 4) are used.
+    ``group_lasso`` weighs the regularization term that pushes weight into kept blocks.
+    """
+
+    density: float | None = None
+    layers: Mapping[str, float] = field(default_factory=dict)
+    group_lasso: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.density is not None:
+            _check_density("sparsity.density", self.density)
+        for name, value in dict(self.layers).items():
+            if name not in SPARSE_LAYERS:
+                raise ConfigError(f"sparsity.layers.{name}: unknown layer (expected one of {SPARSE_LAYERS})")
+            _check_density(f"sparsity.layers.{name}", value)
+        if self.group_lasso < 0:
+            raise ConfigError(f"sparsity.group_lasso={self.group_lasso}: must be >= 0")
+
+    def group_num(self, layer: str, in_channels: int, block_in: int) -> int:
+        """Kept blocks per tap and output group: max(1, round(density * C_in / PI))."""
+        density = dict(self.layers).get(layer, self.density)
+        if density is None:
+            return DEFAULT_GROUP_NUM[layer]
+        return max(1, round(density * in_channels / block_in))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"density": self.density, "layers": dict(self.layers), "group_lasso": self.group_lasso}
+
+
+def _check_density(key: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise ConfigError(f"{key}={value!r}: density must lie in (0, 1]")
+
+
+def _build(cls, cfg: Any, section: str):
+    if cfg is None:
+        return cls()
+    if isinstance(cfg, cls):
+        return cfg
+    data = dict(cfg)
+    data.pop("_target_", None)
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    return cls(**data)
+
+
+def hardware_config(cfg: Any = None) -> HardwareConfig:
+    return _build(HardwareConfig, cfg, "hardware")
+
+
+def model_config(cfg: Any = None) -> ModelConfig:
+    return _build(ModelConfig, cfg, "model")
+
+
+def sparsity_config(cfg: Any = None) -> SparsityConfig:
+    return _build(SparsityConfig, cfg, "sparsity")
+
+
+W12A12 = HardwareConfig()
+W8A8 = HardwareConfig(activation_bits=8, weight_bits=8, precision_bits=12, name="w8a8")

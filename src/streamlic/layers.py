@@ -1,0 +1,509 @@
+"""Quantization-aware layers of StreamLIC.
+
+Each layer has two numerics, chosen by its ``quantized`` flag (set by the model's stage API):
+
+* float: ordinary float arithmetic; learned activation ranges are tracked while training.
+* quantized: the exact integer datapath of DESIGN §3, built from :mod:`streamlic.fixedpoint`
+  on integer-valued tensors, with straight-through gradients taken from a real-valued
+  surrogate of the same computation. In float64 this path is bit-exact with the integer
+  reference model; in float32 it is the training approximation.
+
+``integer_params()`` is the single source of every exported integer (weights, biases,
+multipliers, shifts): the quantized forward, the integer reference model and the exporter
+all read it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import fixedpoint as fxp
+from .config import HardwareConfig
+
+# Running-max tracking of activation ranges (DESIGN §3): the EMA momentum grows 1 % per step
+# from 0.5 to 0.999; a batch maximum above the running max pulls it up by 1 %.
+MOMENTUM_START = 0.5
+MOMENTUM_END = 0.999
+MOMENTUM_GROWTH = 1.01
+PULL_UP = 0.01
+# Input statistics of the block-sparse layers use a slower-starting EMA.
+STATS_MOMENTUM_START = 0.1
+STATS_MOMENTUM_GROWTH = 1.001
+SCALE_FLOOR = 2.0**-31
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round in the forward pass, identity gradient in the backward pass."""
+    return _RoundSTE.apply(x)
+
+
+def straight_through(surrogate: Tensor, exact: Tensor) -> Tensor:
+    """Value of ``exact`` with the gradient of ``surrogate``."""
+    return surrogate + (exact - surrogate).detach()
+
+
+def _per_channel(t: Tensor) -> Tensor:
+    return t.reshape(1, -1, 1, 1)
+
+
+class QuantLayer(nn.Module):
+    """Base of layers with a quantized output: activation range, frozen scales, stage flags."""
+
+    def __init__(self, hw: HardwareConfig, fixed_scale: float | None = None, out_bound: int | None = None):
+        super().__init__()
+        self.hw = hw
+        self.fixed_scale = fixed_scale
+        self.out_bound = hw.act_max if out_bound is None else out_bound
+        self.quantized = False
+        self.scales_frozen = False
+        self.layer_name = self.__class__.__name__
+        initial = 0.0 if fixed_scale is None else fixed_scale * hw.act_max
+        self.register_buffer("act_absmax", torch.tensor(initial))
+        self.register_buffer("act_momentum", torch.tensor(MOMENTUM_START / MOMENTUM_GROWTH))
+        self.register_buffer("in_scale", torch.tensor(1.0))
+
+    @property
+    def out_scale(self) -> Tensor:
+        if self.fixed_scale is not None:
+            return self.act_absmax.new_tensor(self.fixed_scale)
+        return torch.clamp(self.act_absmax, min=SCALE_FLOOR * self.hw.act_max) / self.hw.act_max
+
+    @torch.no_grad()
+    def track_range(self, out: Tensor) -> None:
+        """Update the running max of ``|out|`` without a host sync."""
+        if self.fixed_scale is not None or self.scales_frozen:
+            return
+        batch_max = out.detach().abs().amax().to(self.act_absmax.dtype)
+        momentum = torch.clamp(self.act_momentum * MOMENTUM_GROWTH, MOMENTUM_START, MOMENTUM_END)
+        ema = self.act_absmax * momentum + batch_max * (1 - momentum)
+        pulled = self.act_absmax * (1 - PULL_UP) + batch_max * PULL_UP
+        first = self.act_absmax == 0
+        new = torch.where(first, batch_max, torch.where(batch_max < self.act_absmax, ema, pulled))
+        self.act_absmax.copy_(new)
+        self.act_momentum.copy_(momentum)
+
+    def freeze(self, in_scale: Tensor | float) -> Tensor:
+        """Capture weight scales and multipliers for the given input scale; returns the output scale.
+
+        A layer whose scales are already frozen keeps them: re-entering QAT never recaptures.
+        """
+        if not self.scales_frozen:
+            with torch.no_grad():
+                self.in_scale.copy_(torch.as_tensor(in_scale, dtype=self.in_scale.dtype))
+                self._capture()
+            self.scales_frozen = True
+        return self.out_scale
+
+    def _capture(self) -> None:
+        raise NotImplementedError
+
+    def _fake_quant_fixed(self, out: Tensor) -> Tensor:
+        """Float-mode output of a fixed-scale layer: clamped to its range and on its grid."""
+        scale = self.fixed_scale
+        bound = self.out_bound * scale
+        return round_ste(torch.clamp(out, -bound, bound) / scale) * scale
+
+
+class QConv2d(QuantLayer):
+    """Convolution with per-channel symmetric weights and a requantized output.
+
+    Integer datapath: ``acc = sum(q_in * q_w)``, ``q_out = clamp(rshift_round(((acc * m) >> k) + b_q, r))``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 hw: HardwareConfig | None = None, fixed_scale: float | None = None, out_bound: int | None = None):
+        super().__init__(hw, fixed_scale, out_bound)
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = (kh, kw)
+        self.stride = stride
+        self.padding = padding
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kh, kw))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(in_channels * kh * kw)
+        nn.init.uniform_(self.bias, -bound, bound)
+        self.register_buffer("weight_absmax", torch.ones(out_channels))
+        self.register_buffer("req_m", torch.ones(out_channels))
+        self.register_buffer("req_k", torch.zeros(out_channels))
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, fixed_scale={self.fixed_scale}")
+
+    # -- weights ------------------------------------------------------------------------
+    def effective_weight(self) -> Tensor:
+        """Float weight as the layer uses it (sparse layers apply their mask here)."""
+        return self.weight
+
+    def weight_scale(self) -> Tensor:
+        return fxp.weight_scale(torch.clamp(self.weight_absmax, min=SCALE_FLOOR), self.hw)
+
+    def _integer_weight_surrogate(self) -> Tensor:
+        """``q_w = round(clamp(w, +-max|w_c|) / s_w)`` with a straight-through gradient."""
+        w = self.effective_weight()
+        bound = self.weight_absmax.view(-1, 1, 1, 1)
+        return round_ste(torch.clamp(w, -bound, bound) / self.weight_scale().view(-1, 1, 1, 1))
+
+    def _requant_factor(self) -> Tensor:
+        """Real factor ``m / 2**k ~= 2**r s_in s_w / s_out`` per output channel."""
+        return (2.0**self.hw.residual_bits) * self.in_scale * self.weight_scale() / self.out_scale
+
+    def _capture(self) -> None:
+        self.weight_absmax.copy_(self.effective_weight().detach().abs().amax(dim=(1, 2, 3)))
+        m, k = fxp.to_multiplier(self._requant_factor().double(), self.hw, self.layer_name)
+        self.req_m.copy_(m)
+        self.req_k.copy_(k)
+
+    def _output_bounds(self) -> tuple[Tensor | float, Tensor | float]:
+        return -self.out_bound, self.out_bound
+
+    def _bias_integer(self) -> Tensor:
+        return fxp.quantize_bias(self.bias, self.out_scale, self.hw, rounding=round_ste)
+
+    def integer_params(self) -> dict[str, Tensor]:
+        """The integers the hardware holds for this layer (float tensors with integer values)."""
+        with torch.no_grad():
+            return {
+                "weight": self._integer_weight_surrogate().detach(),
+                "bias": self._bias_integer().detach(),
+                "scale_param": self.req_m.clone(),
+                "scale_shift": self.req_k.clone(),
+            }
+
+    # -- forward ------------------------------------------------------------------------
+    def _conv(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(x, weight, None, self.stride, self.padding)
+
+    def output_scale_map(self) -> Tensor:
+        """Real value of one integer step of each output channel."""
+        return self.out_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.quantized:
+            return self._forward_quantized(x) * self.output_scale_map()
+        out = self._conv(x, self.effective_weight()) + _per_channel(self.bias)
+        if self.fixed_scale is not None:
+            return self._fake_quant_fixed(out)
+        if self.training:
+            self.track_range(out)
+        return out
+
+    def _forward_quantized(self, x: Tensor) -> Tensor:
+        """Integer-valued output (straight-through gradients) of the exact datapath."""
+        q_in = round_ste(x / self.in_scale)
+        acc = self._conv(q_in, self._integer_weight_surrogate())
+        b_q = self._bias_integer()
+        lo, hi = self._output_bounds()
+        m, k = _per_channel(self.req_m).to(acc.dtype), _per_channel(self.req_k).to(acc.dtype)
+        exact = fxp.requantize(acc.detach(), m, k, _per_channel(b_q.detach()), self.hw, lo, hi)
+        factor = m * torch.exp2(-k) * 2.0**-self.hw.residual_bits
+        surrogate = torch.clamp(acc * factor + _per_channel(b_q) * 2.0**-self.hw.residual_bits, lo, hi)
+        return straight_through(surrogate, exact)
+
+
+class QUpsampleConv2d(nn.Module):
+    """Pad 1, 2x2 conv to 4*C_out channels, pixel-shuffle x2, crop 1 pixel: exactly 2H x 2W."""
+
+    def __init__(self, in_channels: int, out_channels: int, hw: HardwareConfig, fixed_scale: float | None = None):
+        super().__init__()
+        self.conv = QConv2d(in_channels, 4 * out_channels, 2, 1, 0, hw=hw, fixed_scale=fixed_scale)
+
+    def freeze(self, in_scale):
+        return self.conv.freeze(in_scale)
+
+    @property
+    def out_scale(self) -> Tensor:
+        return self.conv.out_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pixel_shuffle(self.conv(F.pad(x, (1, 1, 1, 1))), 2)[:, :, 1:-1, 1:-1]
+
+
+class QLeakyReLU(nn.Module):
+    """LeakyReLU with slope 1/64; on integers a negative ``v`` becomes ``(v + 32) >> 6``."""
+
+    def __init__(self):
+        super().__init__()
+        self.quantized = False
+        self.register_buffer("in_scale", torch.tensor(1.0))
+
+    def freeze(self, in_scale):
+        self.in_scale.copy_(torch.as_tensor(in_scale, dtype=self.in_scale.dtype))
+        return self.in_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        surrogate = F.leaky_relu(x, 2.0**-fxp.LEAKY_SHIFT)
+        if not self.quantized:
+            return surrogate
+        q = torch.round(x.detach() / self.in_scale)
+        return straight_through(surrogate, fxp.leaky_relu(q) * self.in_scale)
+
+
+class ChannelAddition(nn.Module):
+    """Split the channels into halves and add them, clamped to the activation range.
+
+    Both halves are at the same fixed scale, so the sum is exact on integers.
+    """
+
+    def __init__(self, hw: HardwareConfig, scale: float):
+        super().__init__()
+        self.hw = hw
+        self.scale = scale
+
+    def freeze(self, in_scale):
+        return in_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = x.chunk(2, dim=1)
+        bound = self.hw.act_max * self.scale
+        return torch.clamp(a + b, -bound, bound)
+
+
+class LAGC(QuantLayer):
+    """Locally adaptive gain control: ``out = x * (gamma * tanh(affine(x)) + beta + 1)``.
+
+    The integer version folds the sign of gamma into the affine conv (tanh is odd), reads
+    tanh from a table, requantizes the gain per channel and multiplies with a floor shift.
+    """
+
+    def __init__(self, channels: int, hw: HardwareConfig):
+        super().__init__(hw)
+        self.channels = channels
+        self.affine = nn.Conv2d(channels, channels, 1, bias=True)
+        self.gain = nn.Conv2d(channels, channels, 1, groups=channels, bias=True)  # gamma, beta
+        nn.init.zeros_(self.affine.bias)
+        self.register_buffer("affine_absmax", torch.ones(channels))
+        self.register_buffer("gain_scale", torch.ones(channels))
+        self.register_buffer("affine_m", torch.ones(channels))
+        self.register_buffer("affine_k", torch.zeros(channels))
+        self.register_buffer("out_m", torch.ones(channels))
+        self.register_buffer("out_k", torch.zeros(channels))
+        self.register_buffer("tanh_lut", fxp.tanh_table(hw).float(), persistent=False)
+
+    @property
+    def tanh_in_scale(self) -> float:
+        return 2.0**-self.hw.tanh_in_shift
+
+    @property
+    def tanh_out_scale(self) -> float:
+        return 2.0**-self.hw.tanh_out_shift
+
+    def _gamma_beta(self) -> tuple[Tensor, Tensor]:
+        return self.gain.weight.view(-1), self.gain.bias
+
+    def _capture(self) -> None:
+        hw = self.hw
+        gamma, beta = self._gamma_beta()
+        self.affine_absmax.copy_(self.affine.weight.detach().abs().amax(dim=(1, 2, 3)))
+        self.gain_scale.copy_(fxp.lagc_gain_scale(gamma.detach(), beta.detach(), hw))
+        s_wa = fxp.weight_scale(torch.clamp(self.affine_absmax, min=SCALE_FLOOR), hw)
+        affine_factor = (2.0**hw.residual_bits) * self.in_scale * s_wa / self.tanh_in_scale
+        m, k = fxp.to_multiplier(affine_factor.double(), hw, f"{self.layer_name}.affine")
+        self.affine_m.copy_(m)
+        self.affine_k.copy_(k)
+        m, k = fxp.to_multiplier((self.in_scale * self.gain_scale / self.out_scale).double(), hw,
+                                 f"{self.layer_name}.output")
+        self.out_m.copy_(m)
+        self.out_k.copy_(k)
+
+    def _integer_pieces(self):
+        """Integer affine weights/bias (gamma's sign folded in), gain bias and gain factor."""
+        hw = self.hw
+        gamma, beta = self._gamma_beta()
+        sign = torch.where(gamma.detach() < 0, -1.0, 1.0).to(gamma.dtype)
+        s_wa = fxp.weight_scale(torch.clamp(self.affine_absmax, min=SCALE_FLOOR), hw).view(-1, 1, 1, 1)
+        bound = self.affine_absmax.view(-1, 1, 1, 1)
+        q_wa = round_ste(torch.clamp(self.affine.weight, -bound, bound) / s_wa) * sign.view(-1, 1, 1, 1)
+        b_a = fxp.quantize_bias(self.affine.bias * sign, self.tanh_in_scale, hw, rounding=round_ste)
+        b_g = fxp.quantize_bias(beta + 1.0, self.gain_scale, hw, rounding=round_ste)
+        gain_factor = (2.0**hw.residual_bits) * gamma.abs() * self.tanh_out_scale / self.gain_scale
+        return q_wa, b_a, b_g, gain_factor
+
+    def integer_params(self) -> dict[str, Tensor]:
+        with torch.no_grad():
+            q_wa, b_a, b_g, gain_factor = self._integer_pieces()
+            m_g, k_g = fxp.to_multiplier(gain_factor.double(), self.hw, f"{self.layer_name}.gain")
+            return {
+                "affine_weight": q_wa,
+                "affine_bias": b_a,
+                "affine_scale_param": self.affine_m.clone(),
+                "affine_scale_shift": self.affine_k.clone(),
+                "gain_scale_param": m_g.to(q_wa.dtype),
+                "gain_scale_shift": k_g.to(q_wa.dtype),
+                "gain_bias": b_g,
+                "output_scale_param": self.out_m.clone(),
+                "output_scale_shift": self.out_k.clone(),
+            }
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.quantized:
+            return self._forward_quantized(x)
+        gain = self.gain(torch.tanh(self.affine(x))) + 1.0
+        out = x * gain
+        if self.training:
+            self.track_range(out)
+        return out
+
+    def _forward_quantized(self, x: Tensor) -> Tensor:
+        hw = self.hw
+        r_scale = 2.0**-hw.residual_bits
+        q_in = round_ste(x / self.in_scale)
+        q_wa, b_a, b_g, gain_factor = self._integer_pieces()
+        acc = F.conv2d(q_in, q_wa)
+        # affine conv to the tanh input scale
+        m_a, k_a = _per_channel(self.affine_m).to(acc.dtype), _per_channel(self.affine_k).to(acc.dtype)
+        a_exact = fxp.requantize(acc.detach(), m_a, k_a, _per_channel(b_a.detach()), hw)
+        a_sur = torch.clamp((acc * m_a * torch.exp2(-k_a) + _per_channel(b_a)) * r_scale, -hw.act_max, hw.act_max)
+        a = straight_through(a_sur, a_exact)
+        # tanh look-up
+        t_exact = fxp.tanh_lookup(a_exact, self.tanh_lut)
+        t = straight_through(torch.tanh(a * self.tanh_in_scale) / self.tanh_out_scale, t_exact)
+        # per-channel gain; its multiplier follows the trained gamma
+        m_g, k_g = fxp.to_multiplier(gain_factor.detach().double(), hw, f"{self.layer_name}.gain", check=False)
+        m_g, k_g = _per_channel(m_g).to(acc.dtype), _per_channel(k_g).to(acc.dtype)
+        g_exact = fxp.lagc_gain(t_exact, m_g, k_g, _per_channel(b_g.detach()), hw)
+        g_sur = torch.clamp((t * _per_channel(gain_factor) + _per_channel(b_g)) * r_scale, -hw.act_max, hw.act_max)
+        g = straight_through(g_sur, g_exact)
+        # output multiply with a floor shift
+        m_o, k_o = _per_channel(self.out_m).to(acc.dtype), _per_channel(self.out_k).to(acc.dtype)
+        out_exact = fxp.lagc_output(q_in.detach(), g_exact, m_o, k_o, hw)
+        out_sur = torch.clamp(q_in * g * m_o * torch.exp2(-k_o), -hw.act_max, hw.act_max)
+        return straight_through(out_sur, out_exact) * self.out_scale
+
+
+class FGPConv2d(QConv2d):
+    """Block-sparse ("fine-grained pruning") convolution of DESIGN §4.
+
+    Channels are tiled into ``PI x PO`` blocks at every kernel tap; each group of ``PO``
+    output channels keeps its ``taps * group_num`` strongest (input group, tap) blocks. With
+    ``pdf_index=True`` the odd output channels produce the entropy model's scale index in
+    quantized mode (the fold of DESIGN §3).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, padding=0, *, hw: HardwareConfig,
+                 group_num: int, fixed_scale: float | None = None, pdf_index: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, 1, padding, hw=hw, fixed_scale=fixed_scale)
+        self.block_in, self.block_out = hw.block_in, hw.block_out
+        self.in_groups = in_channels // self.block_in
+        self.out_groups = out_channels // self.block_out
+        self.group_num = group_num
+        self.pdf_index = pdf_index
+        self.masked = False
+        self.mask_set = False
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        self.blocks_per_group = min(taps * group_num, taps * self.in_groups)
+        self.register_buffer("mask", torch.ones(out_channels, in_channels, *self.kernel_size))
+        self.register_buffer("in_mean", torch.zeros(in_channels))
+        self.register_buffer("in_sqmean", torch.ones(in_channels))
+        self.register_buffer("stats_momentum", torch.tensor(STATS_MOMENTUM_START))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_num={self.group_num}, pdf_index={self.pdf_index}"
+
+    def effective_weight(self) -> Tensor:
+        return self.weight * self.mask if self.masked else self.weight
+
+    # -- statistics and masks ---------------------------------------------------------------
+    @torch.no_grad()
+    def record_stats(self, x: Tensor) -> None:
+        momentum = torch.clamp(self.stats_momentum * STATS_MOMENTUM_GROWTH, 0.0, MOMENTUM_END)
+        x = x.detach()
+        self.in_mean.mul_(momentum).add_((1 - momentum) * x.mean(dim=(0, 2, 3)))
+        self.in_sqmean.mul_(momentum).add_((1 - momentum) * x.square().mean(dim=(0, 2, 3)))
+        self.stats_momentum.copy_(momentum)
+
+    def input_std(self) -> Tensor:
+        return torch.sqrt(torch.clamp(self.in_sqmean - self.in_mean.square(), min=0.0))
+
+    def block_norms(self, normalize: bool = False) -> Tensor:
+        """L2 norm of every ``PO x PI`` block of ``w * std(x_in)``: shape [out_groups, in_groups * kh * kw].
+
+        Columns are ordered (input group, kh, kw), the order in which ties are broken.
+        """
+        std = self.input_std()
+        if normalize:
+            std = std / (std.max() + torch.finfo(std.dtype).eps)
+        w = self.weight * std.view(1, -1, 1, 1)
+        kh, kw = self.kernel_size
+        blocks = w.view(self.out_groups, self.block_out, self.in_groups, self.block_in, kh * kw)
+        return torch.linalg.vector_norm(blocks, dim=(1, 3)).reshape(self.out_groups, -1)
+
+    @torch.no_grad()
+    def block_mask(self) -> Tensor:
+        """Kept blocks as a bool tensor [out_groups, in_groups, kh, kw]."""
+        kh, kw = self.kernel_size
+        return self.mask[:: self.block_out, :: self.block_in].bool().view(self.out_groups, self.in_groups, kh, kw)
+
+    @torch.no_grad()
+    def set_mask(self) -> None:
+        """Keep the ``taps * group_num`` strongest blocks of every output group (vectorised)."""
+        norms = self.block_norms()
+        keep = torch.zeros_like(norms, dtype=torch.bool)
+        keep.scatter_(1, torch.topk(norms, self.blocks_per_group, dim=1, sorted=False).indices, True)
+        kh, kw = self.kernel_size
+        block = keep.view(self.out_groups, 1, self.in_groups, 1, kh, kw).to(self.mask.dtype)
+        self.mask.copy_(block.expand(-1, self.block_out, -1, self.block_in, -1, -1).reshape(self.mask.shape))
+        self.mask_set = True
+
+    def group_lasso(self) -> Tensor:
+        """Sum of the (input-std normalised) norms of blocks outside each group's kept set."""
+        norms = self.block_norms(normalize=True)
+        threshold = torch.topk(norms.detach(), self.blocks_per_group, dim=1).values[:, -1:]
+        return torch.where(norms < threshold, norms, torch.zeros_like(norms)).sum()
+
+    # -- quantization -------------------------------------------------------------------------
+    def _odd(self) -> Tensor:
+        odd = torch.zeros(self.out_channels, dtype=torch.bool, device=self.bias.device)
+        odd[1::2] = True
+        return odd
+
+    def _requant_factor(self) -> Tensor:
+        factor = super()._requant_factor()
+        if not self.pdf_index:
+            return factor
+        return torch.where(self._odd(), fxp.scale_index_factor(factor, self.out_scale), factor)
+
+    def _bias_integer(self) -> Tensor:
+        b_q = super()._bias_integer()
+        if not self.pdf_index:
+            return b_q
+        return torch.where(self._odd(), fxp.scale_index_bias(self.bias, self.hw, rounding=round_ste), b_q)
+
+    def _output_bounds(self):
+        if not self.pdf_index:
+            return super()._output_bounds()
+        odd = _per_channel(self._odd())
+        lo = torch.where(odd, 0.0, -float(self.out_bound))
+        hi = torch.where(odd, float(fxp.SCALE_LEVELS - 1), float(self.out_bound))
+        return lo, hi
+
+    def output_scale_map(self) -> Tensor:
+        if not self.pdf_index:
+            return self.out_scale
+        # odd channels carry the scale index itself (one step = 1)
+        return _per_channel(torch.where(self._odd(), torch.ones_like(self.bias), self.out_scale))
+
+    def integer_params(self) -> dict[str, Tensor]:
+        params = super().integer_params()
+        params["mask"] = self.mask.clone()
+        return params
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and not self.quantized and not self.masked:
+            self.record_stats(x)
+        return super().forward(x)

@@ -1,0 +1,387 @@
+"""The StreamLIC network (DESIGN §2) and its five-stage API (DESIGN §5)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+from compressai.models import CompressionModel
+from torch import Tensor, nn
+
+from . import fixedpoint as fxp
+from .config import (HardwareConfig, ModelConfig, SparsityConfig, hardware_config, model_config,
+                     sparsity_config)
+from .entropy import RectifiedPDF, bottleneck_pmf_table, gaussian_pmf_table
+from .layers import (LAGC, ChannelAddition, FGPConv2d, QConv2d, QLeakyReLU, QuantLayer, QUpsampleConv2d,
+                     straight_through)
+
+log = logging.getLogger(__name__)
+
+STAGES = ("aun", "mask", "qat", "fix_encoder", "pdf")
+STATE_VERSION = 1
+
+
+class StreamLIC(CompressionModel):
+    """Hyperprior + row-causal context model with a fixed-point, block-sparse datapath.
+
+    Sizes come from ``model`` (:class:`ModelConfig` or a mapping), bit-widths from
+    ``hardware``, densities of the context layers from ``sparsity``. ``N`` and ``M`` are
+    accepted as keyword shortcuts, as in the original research code.
+    """
+
+    def __init__(self, N: int | None = None, M: int | None = None, *, model: Any = None, hardware: Any = None,
+                 sparsity: Any = None):
+        mcfg = model_config(model)
+        if N is not None or M is not None:
+            mcfg = ModelConfig(**{**mcfg.to_dict(), **({"N": N} if N is not None else {}),
+                                  **({"M": M} if M is not None else {})})
+        hw = hardware_config(hardware)
+        sp = sparsity_config(sparsity)
+        mcfg.validate_against(hw)  # every constraint is checked before a tensor is built
+        super().__init__()
+        self.model_cfg, self.hw, self.sparsity_cfg = mcfg, hw, sp
+        c1, c2, c3, M, N = mcfg.c1, mcfg.c2, mcfg.c3, mcfg.M, mcfg.N
+        ls = hw.latent_scale
+        latent_bound = fxp.SYMBOL_MAX * 2**hw.latent_shift
+
+        self.g_a = nn.Sequential(
+            QConv2d(3, c1, 4, 2, 1, hw=hw), LAGC(c1, hw),
+            QConv2d(c1, c2, 4, 2, 1, hw=hw), LAGC(c2, hw),
+            QConv2d(c2, c3, 4, 2, 1, hw=hw), LAGC(c3, hw),
+            QConv2d(c3, M, 4, 2, 1, hw=hw, fixed_scale=ls, out_bound=latent_bound),
+        )
+        # the causal top padding is what the streaming hardware computes
+        self.h_a = nn.Sequential(
+            nn.ZeroPad2d((1, 1, 2, 0)),
+            QConv2d(M, M, 4, 2, 0, hw=hw), LAGC(M, hw),
+            QConv2d(M, N, 4, 2, 1, hw=hw, fixed_scale=ls),
+        )
+        self.h_s = nn.Sequential(
+            QUpsampleConv2d(N, M, hw), QLeakyReLU(),
+            QUpsampleConv2d(M, 2 * M, hw, fixed_scale=ls),
+        )
+        self.g_s = nn.Sequential(
+            QUpsampleConv2d(M, c3, hw), LAGC(c3, hw),
+            QUpsampleConv2d(c3, c2, hw), LAGC(c2, hw),
+            QUpsampleConv2d(c2, c1, hw), LAGC(c1, hw),
+            QUpsampleConv2d(c1, 3, hw),
+        )
+        pi = hw.block_in
+        self.context_prediction = nn.Sequential(
+            FGPConv2d(M, 2 * M, 3, 0, hw=hw, group_num=sp.group_num("ctx1", M, pi)),
+            QLeakyReLU(),
+            FGPConv2d(2 * M, 2 * M, (1, 3), (0, 1), hw=hw, fixed_scale=ls, group_num=sp.group_num("ctx2", 2 * M, pi)),
+        )
+        self.entropy_parameters = nn.Sequential(
+            ChannelAddition(hw, ls),
+            QLeakyReLU(),
+            FGPConv2d(2 * M, 2 * M, (1, 3), (0, 1), hw=hw, fixed_scale=ls,
+                      group_num=sp.group_num("ep", 2 * M, pi), pdf_index=True),
+        )
+        self.entropy_bottleneck = EntropyBottleneck(N)
+        self.gaussian_conditional = GaussianConditional(None, scale_bound=2.0**fxp.LOG2_SIGMA_MIN)
+        self.rectified_cdf_y = RectifiedPDF(fxp.SCALE_LEVELS)
+        self.rectified_cdf_z = RectifiedPDF(N)
+        self.register_buffer("clamped_symbols", torch.zeros((), dtype=torch.long), persistent=False)
+        for name, module in self.named_modules():
+            if isinstance(module, QuantLayer):
+                module.layer_name = name
+
+        self.quantized = False
+        self.masked = False
+        self.encoder_fixed = False
+        self.pdf_training = False
+        self.scales_frozen = False
+        self.masks_set = False
+        self.pdf_initialized = False
+        self.rectified_cdf_y.requires_grad_(False)
+        self.rectified_cdf_z.requires_grad_(False)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def N(self) -> int:
+        return self.model_cfg.N
+
+    @property
+    def M(self) -> int:
+        return self.model_cfg.M
+
+    def sparse_layers(self) -> dict[str, FGPConv2d]:
+        return {"ctx1": self.context_prediction[0], "ctx2": self.context_prediction[2],
+                "ep": self.entropy_parameters[2]}
+
+    def input_scales(self) -> dict[str, float]:
+        """Scale of the integers entering each sub-network (DESIGN §3)."""
+        ls = self.hw.latent_scale
+        return {"g_a": fxp.image_scale(self.hw), "h_a": ls, "h_s": 1.0, "g_s": ls,
+                "context_prediction": ls, "entropy_parameters": ls}
+
+    def _quant_modules(self):
+        return [m for m in self.modules() if isinstance(m, (QuantLayer, QLeakyReLU))]
+
+    # ------------------------------------------------------------------ stage API
+    @property
+    def stage(self) -> str:
+        if self.pdf_training:
+            return "pdf"
+        if self.encoder_fixed:
+            return "fix_encoder"
+        if self.quantized:
+            return "qat"
+        if self.masked:
+            return "mask"
+        return "aun"
+
+    def toggle_quantization(self, flag: bool = True) -> None:
+        """Switch fake-quant on (freezing weight/activation scales the first time) or off."""
+        if flag and not self.scales_frozen:
+            for name, chain in self._chains().items():
+                scale = torch.tensor(self.input_scales()[name])
+                for module in chain:
+                    if hasattr(module, "freeze"):
+                        scale = module.freeze(scale)
+            self.scales_frozen = True
+            log.info("quantization scales captured")
+        self.quantized = bool(flag)
+        for module in self._quant_modules():
+            module.quantized = self.quantized
+
+    def toggle_mask(self, flag: bool = True) -> None:
+        self.masked = bool(flag)
+        for layer in self.sparse_layers().values():
+            layer.masked = self.masked
+
+    def set_all_mask(self, force: bool = False) -> None:
+        """Compute the block masks from the gathered statistics (once; ``force`` recomputes)."""
+        if self.masks_set and not force:
+            return
+        if self.scales_frozen:
+            raise RuntimeError("set_all_mask: masks must be set before quantization scales are frozen")
+        for layer in self.sparse_layers().values():
+            layer.set_mask()
+        self.masks_set = True
+        log.info("block-sparsity masks set")
+
+    def fix_encoder_flag(self, flag: bool = True) -> None:
+        self.encoder_fixed = bool(flag)
+        self._apply_trainability()
+
+    def init_pdf_table(self, force: bool = False) -> None:
+        """Initialise the probability tables from the current Gaussian and factorized models."""
+        if self.pdf_initialized and not force:
+            return
+        sigmas = fxp.sigma_levels(torch.float32).to(self.rectified_cdf_y.logits.device)
+        self.rectified_cdf_y.init_from_pmf(gaussian_pmf_table(self.gaussian_conditional, sigmas))
+        self.rectified_cdf_z.init_from_pmf(bottleneck_pmf_table(self.entropy_bottleneck))
+        self.pdf_initialized = True
+
+    def toggle_pdf_training_flag(self, flag: bool = True) -> None:
+        if flag and not self.pdf_initialized:
+            raise RuntimeError("toggle_pdf_training_flag(True): call init_pdf_table() first")
+        self.pdf_training = bool(flag)
+        self._apply_trainability()
+
+    def _apply_trainability(self) -> None:
+        frozen_encoder = self.encoder_fixed or self.pdf_training
+        for module in (self.g_a, self.h_a):
+            module.requires_grad_(not frozen_encoder)
+        for module in (self.g_s, self.h_s, self.context_prediction, self.entropy_parameters,
+                       self.entropy_bottleneck, self.gaussian_conditional):
+            module.requires_grad_(not self.pdf_training)
+        self.rectified_cdf_y.requires_grad_(self.pdf_training)
+        self.rectified_cdf_z.requires_grad_(self.pdf_training)
+
+    def regularization_loss(self, weight: float | None = None) -> Tensor:
+        """Group-lasso term on the blocks outside each sparse layer's kept set."""
+        weight = self.sparsity_cfg.group_lasso if weight is None else weight
+        total = sum(layer.group_lasso() for layer in self.sparse_layers().values())
+        return total * weight
+
+    def update(self, scale_table: Tensor | None = None, force: bool = False, update_quantiles: bool = False) -> bool:
+        if scale_table is None:
+            scale_table = fxp.sigma_levels(torch.float32)
+        return super().update(scale_table=scale_table, force=force, update_quantiles=update_quantiles)
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "flags": {k: getattr(self, k) for k in ("quantized", "masked", "encoder_fixed", "pdf_training",
+                                                     "scales_frozen", "masks_set", "pdf_initialized")},
+            "config": {"model": self.model_cfg.to_dict(), "hardware": self.hw.to_dict(),
+                       "sparsity": self.sparsity_cfg.to_dict()},
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("config", {})
+        mine = self.get_extra_state()["config"]
+        for key in ("model", "hardware"):
+            if key in saved and saved[key] != mine[key]:
+                raise ValueError(f"checkpoint was made with {key}={saved[key]}, this model has {key}={mine[key]}")
+        flags = state["flags"]
+        # restore the stage without recomputing anything: scales and masks come from the buffers
+        self.scales_frozen = flags["scales_frozen"]
+        self.masks_set = flags["masks_set"]
+        self.pdf_initialized = flags["pdf_initialized"]
+        for module in self._quant_modules():
+            if isinstance(module, QuantLayer):
+                module.scales_frozen = self.scales_frozen
+        for layer in self.sparse_layers().values():
+            layer.mask_set = self.masks_set
+        self.toggle_mask(flags["masked"])
+        self.quantized = flags["quantized"]
+        for module in self._quant_modules():
+            module.quantized = self.quantized
+        self.encoder_fixed = flags["encoder_fixed"]
+        self.pdf_training = flags["pdf_training"]
+        self._apply_trainability()
+
+    @staticmethod
+    def checkpoint_state_dict(path: str | Path) -> dict[str, Tensor]:
+        """Model weights from a Lightning checkpoint (``model.`` prefix) or a plain state dict file."""
+        path = Path(path)
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise ValueError(f"{path}: not a readable checkpoint ({err})") from err
+        state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: no state dict inside")
+        if any(k.startswith("model.") for k in state):
+            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        if "_extra_state" not in state:
+            raise ValueError(f"{path}: not a StreamLIC checkpoint (no stage state)")
+        return state
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "StreamLIC":
+        """Build the model with the configs stored in a checkpoint and load its weights and stage."""
+        state = cls.checkpoint_state_dict(path)
+        cfg = state["_extra_state"]["config"]
+        model = cls(model=cfg["model"], hardware=cfg["hardware"], sparsity=cfg["sparsity"])
+        model.load_state_dict(state)
+        return model
+
+    # ------------------------------------------------------------------ forward
+    def _chains(self) -> dict[str, nn.Sequential]:
+        return {"g_a": self.g_a, "h_a": self.h_a, "h_s": self.h_s, "g_s": self.g_s,
+                "context_prediction": self.context_prediction, "entropy_parameters": self.entropy_parameters}
+
+    def image_input(self, x: Tensor) -> Tensor:
+        """The network input ``x - 0.5``; on the integer grid once quantized."""
+        if self.quantized:
+            return fxp.quantize_image(x, self.hw) * fxp.image_scale(self.hw)
+        return x - 0.5
+
+    def context_input(self, y_hat: Tensor) -> Tensor:
+        """Rows above each latent row: pad (left 1, right 1, top 3), drop the last row."""
+        return nn.functional.pad(y_hat[:, :, :-1], (1, 1, 3, 0))
+
+    def entropy_params(self, params: Tensor, ctx: Tensor) -> Tensor:
+        return self.entropy_parameters(torch.cat((params, ctx), dim=1))
+
+    def split_entropy_params(self, ep_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Means, scales and the integer scale index from the entropy-parameter output."""
+        means, odd = ep_out[:, 0::2], ep_out[:, 1::2]
+        if self.quantized:
+            index = odd
+            sigma = fxp.sigma_from_index(odd)
+        else:
+            sigma = fxp.sigma_from_v(odd)
+            index = torch.clamp(torch.floor(fxp.scale_index_from_v(odd.detach()) + 0.5), 0, fxp.SCALE_LEVELS - 1)
+        return means, sigma, index
+
+    def hyper_symbols(self, z: Tensor) -> Tensor:
+        ls = self.hw.latent_scale
+        return fxp.hyper_symbols(z.detach() / ls, self.hw)
+
+    @torch.no_grad()
+    def decode_rows(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Causal hard quantization row by row, exactly as the decoder runs it.
+
+        Returns ``y_hat``, the symbols and the entropy-parameter output of every row. A whole
+        latent row is predicted at once from the three rows above it.
+        """
+        hw, ls = self.hw, self.hw.latent_scale
+        b, c, height, width = y.shape
+        padded = y.new_zeros(b, c, height + 3, width + 2)
+        symbols = torch.empty_like(y)
+        ep_rows = []
+        for h in range(height):
+            ctx = self.context_prediction(padded[:, :, h:h + 3])
+            ep = self.entropy_params(params[:, :, h:h + 1], ctx)
+            mu_q = ep[:, 0::2] / ls
+            y_q = y[:, :, h:h + 1] / ls
+            row_symbols = fxp.latent_symbols(y_q, mu_q, hw)
+            self.clamped_symbols += (fxp.rshift_round(y_q - mu_q, hw.latent_shift).abs() > fxp.SYMBOL_MAX).sum()
+            symbols[:, :, h:h + 1] = row_symbols
+            padded[:, :, h + 3:h + 4, 1:-1] = fxp.dequantize_latent(row_symbols, mu_q, hw) * ls
+            ep_rows.append(ep)
+        return padded[:, :, 3:, 1:-1], symbols, torch.cat(ep_rows, dim=2)
+
+    def _hyper(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Hyper-latent for the synthesis, its likelihoods and its integer symbols."""
+        z_symbols = self.hyper_symbols(z)
+        if self.pdf_training:
+            channel = torch.arange(self.N, device=z.device).view(1, -1, 1, 1).expand_as(z_symbols)
+            return z_symbols, self.rectified_cdf_z.likelihood(z_symbols, channel), z_symbols
+        if self.training and not self.encoder_fixed:
+            z_tilde, likelihood = self.entropy_bottleneck(z, training=True)
+            return z_tilde, likelihood, z_symbols
+        z_hat = straight_through(z, z_symbols)
+        return z_hat, self._bottleneck_likelihood(z_hat), z_symbols
+
+    def _bottleneck_likelihood(self, z_hat: Tensor) -> Tensor:
+        """Factorized-model likelihood of integer hyper symbols (no median offset, as coded)."""
+        eb = self.entropy_bottleneck
+        values = z_hat.transpose(0, 1)  # channels first, as compressai's model expects
+        likelihood, _, _ = eb._likelihood(values.reshape(values.size(0), 1, -1))
+        if eb.use_likelihood_bound:
+            likelihood = eb.likelihood_lower_bound(likelihood)
+        return likelihood.reshape(values.shape).transpose(0, 1)
+
+    def _gaussian_likelihood(self, values: Tensor, sigma: Tensor) -> Tensor:
+        gc = self.gaussian_conditional
+        likelihood = gc._likelihood(values, sigma)
+        if gc.use_likelihood_bound:
+            likelihood = gc.likelihood_lower_bound(likelihood)
+        return likelihood
+
+    def forward(self, x: Tensor) -> dict[str, Any]:
+        y = self.g_a(self.image_input(x))
+        z = self.h_a(y)
+        z_hat, z_likelihoods, z_symbols = self._hyper(z)
+        params = self.h_s(z_hat)
+
+        if self.training and not (self.encoder_fixed or self.pdf_training):
+            # additive uniform noise on y (the latent grid step is 1 in real units)
+            y_hat = y + torch.empty_like(y).uniform_(-0.5, 0.5)
+            means, sigma, index = self.split_entropy_params(
+                self.entropy_params(params, self.context_prediction(self.context_input(y_hat))))
+            y_likelihoods = self._gaussian_likelihood(y_hat - means, sigma)
+            symbols = None
+        else:
+            y_hat, symbols, ep_out = self.decode_rows(y.detach(), params.detach())
+            if self.training:
+                ep_out = self.entropy_params(params, self.context_prediction(self.context_input(y_hat)))
+            means, sigma, index = self.split_entropy_params(ep_out)
+            if self.pdf_training:
+                y_likelihoods = self.rectified_cdf_y.likelihood(symbols, index)
+            else:
+                values = straight_through(y.detach() - means, symbols)
+                y_likelihoods = self._gaussian_likelihood(values, sigma)
+
+        x_hat = self.g_s(y_hat) + 0.5
+        return {
+            "x_hat": x_hat,
+            "likelihoods": {"y": y_likelihoods, "z": z_likelihoods},
+            "y_symbols": symbols,
+            "z_symbols": z_symbols,
+            "pdf_index": index,
+        }
+
+
+ARLiteSparse_Q = StreamLIC
