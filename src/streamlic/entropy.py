@@ -87,3 +87,16 @@ def bottleneck_pmf_table(bottleneck: EntropyBottleneck) -> Tensor:
         lower = bottleneck._logits_cumulative(values - 0.5, stop_gradient=True)
         upper = bottleneck._logits_cumulative(values + 0.5, stop_gradient=True)
     return (torch.sigmoid(upper) - torch.sigmoid(lower)).reshape(channels, -1)
+
+
+def coding_tables(model) -> tuple[Tensor, Tensor]:
+    """16-bit CDFs the coder uses for a model: (y tables [128, 258], z tables [N, 258]).
+
+    After stage 5 they are the trained ``RectifiedPDF`` tables; before it, the same layout is
+    built from the Gaussian model at the 128 scale levels and the factorized model.
+    """
+    if model.pdf_initialized:
+        return model.rectified_cdf_y.cdfs(), model.rectified_cdf_z.cdfs()
+    sigmas = fxp.sigma_levels(torch.float32).to(model.rectified_cdf_y.logits.device)
+    return (quantized_cdfs(gaussian_pmf_table(model.gaussian_conditional, sigmas)),
+            quantized_cdfs(bottleneck_pmf_table(model.entropy_bottleneck)))
