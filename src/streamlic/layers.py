@@ -438,10 +438,12 @@ class FGPConv2d(QConv2d):
         std = self.input_std()
         if normalize:
             std = std / (std.max() + torch.finfo(std.dtype).eps)
-        w = self.weight * std.view(1, -1, 1, 1)
         kh, kw = self.kernel_size
-        blocks = w.view(self.out_groups, self.block_out, self.in_groups, self.block_in, kh * kw)
-        return torch.linalg.vector_norm(blocks, dim=(1, 3)).reshape(self.out_groups, -1)
+        # sum w^2 over each block's output channels first (a contiguous reduction), then weigh by
+        # the input variance and sum over the block's input channels
+        energy = self.weight.square().view(self.out_groups, self.block_out, self.in_channels, kh * kw).sum(dim=1)
+        energy = (energy * std.square().view(1, -1, 1)).view(self.out_groups, self.in_groups, self.block_in, -1)
+        return torch.sqrt(energy.sum(dim=2) + torch.finfo(energy.dtype).tiny).reshape(self.out_groups, -1)
 
     @torch.no_grad()
     def block_mask(self) -> Tensor:
@@ -457,7 +459,8 @@ class FGPConv2d(QConv2d):
         keep.scatter_(1, torch.topk(norms, self.blocks_per_group, dim=1, sorted=False).indices, True)
         kh, kw = self.kernel_size
         block = keep.view(self.out_groups, 1, self.in_groups, 1, kh, kw).to(self.mask.dtype)
-        self.mask.copy_(block.expand(-1, self.block_out, -1, self.block_in, -1, -1).reshape(self.mask.shape))
+        tiled = self.mask.view(self.out_groups, self.block_out, self.in_groups, self.block_in, kh, kw)
+        tiled.copy_(block.expand_as(tiled))
         self.mask_set = True
 
     def group_lasso(self) -> Tensor:
