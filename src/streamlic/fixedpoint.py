@@ -8,6 +8,7 @@ integers, and the exporter uses them to build multipliers, biases and tables.
 Arithmetic shifts are written as ``floor(v * 2**-k)``: multiplying by a power of two is exact
 in floating point, and ``floor`` is what an arithmetic right shift does to negative numbers.
 All intermediate products stay below 2**53 for the configured widths, so float64 is exact.
+On integer tensors (the integer reference model's int64) the same functions shift with ``>>``.
 """
 
 from __future__ import annotations
@@ -38,13 +39,17 @@ class FixedPointError(ArithmeticError):
 
 def shift_floor(v: Tensor, k: Tensor | int) -> Tensor:
     """Arithmetic right shift ``v >> k`` (floor division by 2**k); ``k`` may be per channel."""
+    if not v.is_floating_point():
+        return v >> (k.to(v.dtype) if isinstance(k, Tensor) else k)
     if isinstance(k, int):
         return torch.floor(v * (2.0**-k))
     return torch.floor(torch.ldexp(v, -k.to(v.dtype)))
 
 
 def rshift_round(v: Tensor, r: int) -> Tensor:
-    """``(v + 2**(r-1)) >> r``: rounding shift, ties go up."""
+    """``(v + 2**(r-1)) >> r``: rounding shift, ties go up (``r = 0`` leaves integers unchanged)."""
+    if not v.is_floating_point():
+        return v if r == 0 else (v + (1 << (r - 1))) >> r
     return torch.floor((v + 2.0 ** (r - 1)) * 2.0**-r)
 
 
