@@ -15,6 +15,7 @@ all read it.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -23,6 +24,8 @@ from torch import Tensor, nn
 
 from . import fixedpoint as fxp
 from .config import HardwareConfig
+
+log = logging.getLogger(__name__)
 
 # Running-max tracking of activation ranges (DESIGN §3): the EMA momentum grows 1 % per step
 # from 0.5 to 0.999; a batch maximum above the running max pulls it up by 1 %.
@@ -96,6 +99,13 @@ class QuantLayer(nn.Module):
         self.act_absmax.copy_(new)
         self.act_momentum.copy_(momentum)
 
+    def _raise_range_to(self, floor: Tensor) -> None:
+        """Widen a learned activation range that is too narrow for a 16-bit multiplier."""
+        if self.fixed_scale is None and bool(self.act_absmax < floor):
+            log.warning("%s: activation range %.3g raised to %.3g so its multiplier fits %d bits",
+                        self.layer_name, float(self.act_absmax), float(floor), self.hw.multiplier_bits)
+            self.act_absmax.copy_(floor)
+
     def freeze(self, in_scale: Tensor | float) -> Tensor:
         """Capture weight scales and multipliers for the given input scale; returns the output scale.
 
@@ -165,6 +175,7 @@ class QConv2d(QuantLayer):
 
     def _capture(self) -> None:
         self.weight_absmax.copy_(self.effective_weight().detach().abs().amax(dim=(1, 2, 3)))
+        self._raise_range_to(fxp.min_output_range(self._requant_factor() * self.out_scale, self.hw))
         m, k = fxp.to_multiplier(self._requant_factor().double(), self.hw, self.layer_name)
         self.req_m.copy_(m)
         self.req_k.copy_(k)
@@ -316,6 +327,7 @@ class LAGC(QuantLayer):
         m, k = fxp.to_multiplier(affine_factor.double(), hw, f"{self.layer_name}.affine")
         self.affine_m.copy_(m)
         self.affine_k.copy_(k)
+        self._raise_range_to(fxp.min_output_range(self.in_scale * self.gain_scale, hw))
         m, k = fxp.to_multiplier((self.in_scale * self.gain_scale / self.out_scale).double(), hw,
                                  f"{self.layer_name}.output")
         self.out_m.copy_(m)
@@ -353,7 +365,10 @@ class LAGC(QuantLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self.quantized:
             return self._forward_quantized(x)
-        gain = self.gain(torch.tanh(self.affine(x))) + 1.0
+        gamma, beta = self._gamma_beta()
+        # the depthwise 1x1 "gain" conv is a per-channel affine map; computed elementwise because
+        # CPU backends run a depthwise conv as one small convolution per channel
+        gain = torch.tanh(self.affine(x)) * _per_channel(gamma) + _per_channel(beta + 1.0)
         out = x * gain
         if self.training:
             self.track_range(out)
