@@ -85,6 +85,15 @@ def to_multiplier(factor: Tensor, hw: HardwareConfig, layer: str, check: bool = 
     return m, k
 
 
+def min_output_range(factor_times_out_scale: Tensor, hw: HardwareConfig) -> Tensor:
+    """Smallest activation range whose scale keeps ``factor = x / s_out`` below the multiplier limit.
+
+    An output that barely varied during float training (a collapsed hyper-latent, say) would
+    need a multiplier larger than 16 bits; its range is raised to this floor instead.
+    """
+    return factor_times_out_scale.max() * hw.act_max / (hw.multiplier_max - 1)
+
+
 def requantize(acc: Tensor, m: Tensor, k: Tensor, bias: Tensor | None, hw: HardwareConfig,
                lo: float | None = None, hi: float | None = None) -> Tensor:
     """Convolution output stage: ``clamp(rshift_round(((acc * m) >> k) + b, r))``.
