@@ -1,0 +1,279 @@
+"""The LightningModule that trains StreamLIC through its five stages (DESIGN §5, §8).
+
+The module owns the loss, the optimizers and the metrics; *when* a stage starts and at
+which learning rate is decided by the stage callback (``callbacks.StageSchedule``), which
+calls :meth:`StreamLICModule.set_learning_rate` and the model's stage API.
+
+Optimization is manual because there are two optimizers: Adam over every parameter except
+the EntropyBottleneck quantiles (the "main" one), and Adam over the quantiles for
+compressai's auxiliary loss. The main optimizer always holds *all* main parameters in one
+group, whatever the stage: frozen parameters simply have no gradient, and Adam leaves a
+parameter without a gradient untouched. So the parameter groups are the same in every
+stage and after every resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal, Mapping
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+from torchmetrics.image import PeakSignalNoiseRatio
+
+from .model import STAGES, StreamLIC
+
+log = logging.getLogger(__name__)
+
+# The network downsamples by 16 (g_a) and again by 4 (h_a): whole images are padded to 64.
+PAD_MULTIPLE = 64
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+MS_SSIM_KERNEL = 11
+AUX_PARAMETER_SUFFIX = ".quantiles"  # the EntropyBottleneck's quantiles train on the aux loss only
+
+
+def pad_to_multiple(x: Tensor, multiple: int = PAD_MULTIPLE) -> Tensor:
+    """Pad [B, C, H, W] at the bottom and right by edge replication (the codec's rule)."""
+    height, width = x.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+
+
+def bits_per_pixel(likelihoods: Mapping[str, Tensor], num_pixels: int) -> Tensor:
+    """Estimated rate of a batch: total -log2 likelihood over the number of image pixels."""
+    total = sum(torch.log(likelihood).sum() for likelihood in likelihoods.values())
+    return total / (-math.log(2) * num_pixels)
+
+
+def ms_ssim_scales(height: int, width: int) -> int:
+    """How many MS-SSIM scales an image supports (5 from 176 px on; fewer on small crops).
+
+    torchmetrics needs ``side // (scales - 1)**2 > kernel_size - 1`` on both sides.
+    """
+    side = min(height, width)
+    usable = [n for n in range(1, len(MS_SSIM_BETAS) + 1) if side // max(1, n - 1) ** 2 > MS_SSIM_KERNEL - 1]
+    if not usable:
+        raise ValueError(f"image {height}x{width} is too small for MS-SSIM (kernel {MS_SSIM_KERNEL})")
+    return usable[-1]
+
+
+def ms_ssim(x_hat: Tensor, x: Tensor) -> Tensor:
+    """Per-image MS-SSIM of images in [0, 1]; small images use the first scales' weights, renormalised."""
+    scales = ms_ssim_scales(*x.shape[-2:])
+    betas = torch.tensor(MS_SSIM_BETAS[:scales], dtype=torch.float64)
+    betas = tuple((betas / betas.sum()).tolist())
+    return multiscale_structural_similarity_index_measure(
+        x_hat, x, data_range=1.0, kernel_size=MS_SSIM_KERNEL, betas=betas, reduction="none"
+    )
+
+
+class RateDistortionMetrics(nn.Module):
+    """torchmetrics state of one split: loss, bpp, PSNR and MS-SSIM averaged per image, clamped symbols.
+
+    ``sync_on_compute=False`` is for data that every rank sees whole (no DDP reduction).
+    """
+
+    def __init__(self, sync_on_compute: bool = True) -> None:
+        super().__init__()
+        sync = {"sync_on_compute": sync_on_compute}
+        self.loss = MeanMetric(**sync)
+        self.bpp = MeanMetric(**sync)
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3), **sync)
+        self.ms_ssim = MeanMetric(**sync)
+        self.clamped_symbols = SumMetric(**sync)
+
+    def forward(self, loss: Tensor, bpp: Tensor, x_hat: Tensor, x: Tensor, clamped: Tensor) -> None:
+        """Accumulate one batch (through each metric's forward, so per-step values can be logged)."""
+        batch = x.shape[0]
+        x_hat = x_hat.detach().clamp(0.0, 1.0)
+        self.loss(loss.detach(), weight=batch)
+        self.bpp(bpp.detach(), weight=batch)
+        self.psnr(x_hat, x)
+        self.ms_ssim(ms_ssim(x_hat.float(), x.float()))
+        self.clamped_symbols(clamped)
+
+    def items(self) -> dict[str, Any]:
+        return {"loss": self.loss, "bpp": self.bpp, "psnr": self.psnr, "ms_ssim": self.ms_ssim,
+                "clamped_symbols": self.clamped_symbols}
+
+    def compute(self) -> dict[str, float]:
+        return {name: float(metric.compute()) for name, metric in self.items().items()}
+
+    def reset(self) -> None:
+        for metric in self.items().values():
+            metric.reset()
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A well-mixed seed for one training step on one rank (neighbouring steps share nothing)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+class StreamLICModule(L.LightningModule):
+    """Trains a :class:`StreamLIC` model on ``lmbda * distortion + bpp``.
+
+    Args:
+        model: the network (its stage flags travel in its state dict).
+        lmbda: rate-distortion trade-off; the distortion is ``255**2 * MSE`` for ``"mse"``
+            and ``1 - MS-SSIM`` for ``"ms-ssim"``.
+        distortion: ``"mse"`` or ``"ms-ssim"``.
+        learning_rate: main optimizer's initial rate; the stage callback sets the rate of
+            each stage at every epoch start.
+        aux_learning_rate: rate of the EntropyBottleneck quantiles' optimizer.
+        clip_grad_norm: max gradient norm of the main parameters (``None``: no clipping).
+        seed: re-seeds torch's generator at every training step from ``(seed, step, rank)``,
+            so the training noise of a resumed run is the noise of an uninterrupted one
+            whatever else drew random numbers in between (``None``: leave the generator alone).
+    """
+
+    def __init__(
+        self,
+        model: StreamLIC,
+        lmbda: float = 0.0130,
+        distortion: Literal["mse", "ms-ssim"] = "mse",
+        learning_rate: float = 1e-4,
+        aux_learning_rate: float = 1e-3,
+        clip_grad_norm: float | None = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if distortion not in ("mse", "ms-ssim"):
+            raise ValueError(f"module.distortion={distortion!r}: expected 'mse' or 'ms-ssim'")
+        if lmbda <= 0:
+            raise ValueError(f"module.lmbda={lmbda}: must be positive")
+        self.automatic_optimization = False
+        self.model = model
+        self.lmbda = lmbda
+        self.distortion = distortion
+        self.learning_rate = learning_rate
+        self.aux_learning_rate = aux_learning_rate
+        self.clip_grad_norm = clip_grad_norm
+        self.seed = seed
+        self.save_hyperparameters(ignore=["model"])
+        self.train_metrics = RateDistortionMetrics()
+        self.val_metrics = RateDistortionMetrics()
+        self.test_metrics = RateDistortionMetrics()
+
+    # ------------------------------------------------------------------ loss
+    def rate_distortion(self, x: Tensor, out: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Loss terms of one batch: ``loss``, ``bpp``, ``mse`` (and ``ms_ssim`` for that distortion)."""
+        height, width = x.shape[-2:]
+        bpp = bits_per_pixel(out["likelihoods"], x.shape[0] * height * width)
+        mse = F.mse_loss(out["x_hat"], x)
+        terms = {"bpp": bpp, "mse": mse}
+        if self.distortion == "mse":
+            terms["loss"] = self.lmbda * 255.0**2 * mse + bpp
+        else:
+            terms["ms_ssim"] = ms_ssim(out["x_hat"], x).mean()
+            terms["loss"] = self.lmbda * (1.0 - terms["ms_ssim"]) + bpp
+        return terms
+
+    @property
+    def group_lasso_active(self) -> bool:
+        # the term pushes weight into the kept blocks *before* the masks are cut
+        return self.model.sparsity_cfg.group_lasso > 0 and not self.model.masks_set
+
+    # ------------------------------------------------------------------ optimizers
+    def configure_optimizers(self):
+        main, aux = [], []
+        for name, parameter in self.model.named_parameters():
+            (aux if name.endswith(AUX_PARAMETER_SUFFIX) else main).append(parameter)
+        return [torch.optim.Adam(main, lr=self.learning_rate), torch.optim.Adam(aux, lr=self.aux_learning_rate)]
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Learning rate of the main optimizer (the stage callback calls this every epoch)."""
+        main_optimizer = self.trainer.optimizers[0]
+        for group in main_optimizer.param_groups:
+            group["lr"] = lr
+
+    # ------------------------------------------------------------------ steps
+    def _forward(self, x: Tensor) -> tuple[dict[str, Any], Tensor]:
+        self.model.clamped_symbols.zero_()  # counts the symbols clamped in this batch only
+        out = self.model(x)
+        return out, self.model.clamped_symbols.clone()
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        if self.seed is not None:
+            torch.manual_seed(step_seed(self.seed, self.global_step, self.global_rank))
+        x = batch
+        out, clamped = self._forward(x)
+        terms = self.rate_distortion(x, out)
+        loss = terms["loss"]
+        if self.group_lasso_active:
+            terms["group_lasso"] = self.model.regularization_loss()
+            loss = loss + terms["group_lasso"]
+        # The aux loss reaches only the quantiles and the RD loss never does, so one backward
+        # pass serves both optimizers (and DDP sees exactly one backward per forward).
+        aux_loss = self.model.aux_loss()
+        main_optimizer, aux_optimizer = self.optimizers()
+        main_optimizer.zero_grad()
+        aux_optimizer.zero_grad()
+        self.manual_backward(loss + aux_loss)
+        if self.clip_grad_norm is not None:
+            self.clip_gradients(main_optimizer, gradient_clip_val=self.clip_grad_norm, gradient_clip_algorithm="norm")
+        main_optimizer.step()
+        # the raw optimizer: trainer.global_step then counts batches, not batches x optimizers
+        aux_optimizer.optimizer.step()
+
+        metrics = self.train_metrics
+        metrics(loss, terms["bpp"], out["x_hat"], x, clamped)
+        self.log_dict({f"train/{name}": metric for name, metric in metrics.items().items() if name != "loss"},
+                      on_step=True, on_epoch=True, batch_size=x.shape[0])
+        self.log("train/loss", metrics.loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        extras = {"train/mse": terms["mse"], "train/aux_loss": aux_loss.detach(),
+                  "train/lr": main_optimizer.param_groups[0]["lr"],
+                  "train/stage": float(STAGES.index(self.model.stage) + 1)}
+        if "group_lasso" in terms:
+            extras["train/group_lasso"] = terms["group_lasso"].detach()
+        self.log_dict(extras, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return loss.detach()
+
+    def _evaluation_step(self, split: str, x: Tensor) -> None:
+        height, width = x.shape[-2:]
+        out, clamped = self._forward(pad_to_multiple(x))
+        out["x_hat"] = out["x_hat"][..., :height, :width]
+        terms = self.rate_distortion(x, out)
+        metrics = getattr(self, f"{split}_metrics")
+        metrics(terms["loss"], terms["bpp"], out["x_hat"], x, clamped)
+        self.log_dict({f"{split}/{name}": metric for name, metric in metrics.items().items()},
+                      on_step=False, on_epoch=True, batch_size=x.shape[0], prog_bar=False)
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._evaluation_step("val", batch)
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._evaluation_step("test", batch)
+
+    @torch.no_grad()
+    def evaluate(self, dataloader) -> dict[str, float]:
+        """bpp, PSNR, MS-SSIM, loss and clamped symbols of the current stage over ``dataloader``.
+
+        Used by the stage report; runs outside Lightning's loops and restores the train/eval mode.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        metrics = RateDistortionMetrics(sync_on_compute=False).to(self.device)
+        try:
+            for x in dataloader:
+                x = x.to(self.device)
+                height, width = x.shape[-2:]
+                out, clamped = self._forward(pad_to_multiple(x))
+                out["x_hat"] = out["x_hat"][..., :height, :width]
+                terms = self.rate_distortion(x, out)
+                metrics(terms["loss"], terms["bpp"], out["x_hat"], x, clamped)
+            return metrics.compute()
+        finally:
+            self.model.train(was_training)
+
+    def setup(self, stage: str) -> None:
+        # QAT emulates integer arithmetic: TF32 would change the integers on GPUs (DESIGN §3)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False

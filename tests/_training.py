@@ -1,0 +1,112 @@
+"""Helpers for the training tests: Hydra composition of tiny runs, train.py, probe callbacks.
+
+The probe callbacks are instantiated by Hydra from the config (``+callbacks.probe=...``), so
+they also work in ``train.py`` subprocesses (with this folder on ``PYTHONPATH``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+TESTS_DIR = Path(__file__).resolve().parent
+
+# A tiny network on 64 px crops: 5 demo training photos, batch 2 -> 3 steps per epoch.
+TINY = ["model=tiny", "data.patch_size=64", "data.batch_size=2", "data.repeat=1", "logger=csv",
+        "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1", "export=false"]
+
+
+def schedule(aun: int = 1, mask: int = 1, qat: int = 1, fix_encoder: int = 1, pdf: int = 1,
+             aun_lr: float | None = None) -> list[str]:
+    """Overrides for a schedule with the given number of epochs per stage."""
+    lengths = {"aun": aun, "mask": mask, "qat": qat, "fix_encoder": fix_encoder, "pdf": pdf}
+    overrides, start = [], 0
+    for name, length in lengths.items():
+        overrides.append(f"schedule.stages.{name}.start_epoch={start}")
+        start += length
+    overrides.append(f"schedule.max_epochs={start}")
+    if aun_lr is not None:
+        overrides.append(f"schedule.stages.aun.lr={aun_lr}")
+    return overrides
+
+
+def load_train_module():
+    """``train.py`` (top level, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location("streamlic_train_script", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compose_config(output_dir: Path, overrides: list[str]):
+    """The config ``train.py`` would get for these overrides, writing into ``output_dir``."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"paths.output_dir={output_dir}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run_training(output_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """One in-process training run through train.train with a composed config."""
+    return load_train_module().train(compose_config(output_dir, overrides))
+
+
+def run_script(args: list[str], timeout: float = 300, cwd: Path = ROOT, **popen) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` with this folder importable (for probe callbacks)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+           "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, **popen)
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().cpu().clone() for name, value in model.state_dict().items()
+            if isinstance(value, torch.Tensor)}
+
+
+class StateProbe(Callback):
+    """Records the model's tensors and stage at every epoch start (after the stage callback) and at the end.
+
+    Writes ``rank<R>.pt`` into ``out_dir``: ``{"epochs": [(epoch, stage, tensors)], "end": (stage, tensors)}``.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.epochs: list[tuple[int, str, dict[str, torch.Tensor]]] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epochs.append((trainer.current_epoch, pl_module.model.stage, model_tensors(pl_module.model)))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"epochs": self.epochs, "end": (pl_module.model.stage, model_tensors(pl_module.model)),
+                    "world_size": trainer.world_size},
+                   self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+class NaNInjector(Callback):
+    """Makes the latent NaN in the forward pass of global step ``at_step`` (the weights stay finite)."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+        self.handle = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step and self.handle is None:
+            self.handle = pl_module.model.g_a.register_forward_hook(lambda module, args, out: out * float("nan"))
+
+
+def probe_overrides(out_dir: Path) -> list[str]:
+    return ["+callbacks.probe._target_=_training.StateProbe", f"+callbacks.probe.out_dir={out_dir}"]
