@@ -255,3 +255,384 @@ def parse_hls_streams(directory: Path, manifest: dict[str, Any], hw: HardwareCon
         if cursor[stream] != len(values):
             raise ValueError(f"{directory / stream}: {len(values) - cursor[stream]} integers after the last section")
     return layers
+
+
+# ---------------------------------------------------------------------- hardware report
+
+def _signed_bits(max_abs: float) -> int:
+    return fxp.accumulator_bits(max_abs)
+
+
+def _layer_table(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, height: int,
+                 width: int) -> list[dict[str, Any]]:
+    """Geometry of every layer at an input of ``height x width``: kind, channels, kernel, input bound, positions."""
+    rows = []
+
+    def conv_out(size: int, k: int, stride: int, padding: int) -> int:
+        return (size + 2 * padding - k) // stride + 1
+
+    def add(name: str, kind: str, positions: int, in_bound: int) -> None:
+        p = params[name]
+        weight = p["affine_weight"] if kind == "lagc" else p["weight"]
+        out_c, in_c, kh, kw = weight.shape
+        rows.append({"layer": name, "kind": kind, "in_channels": in_c, "out_channels": out_c, "kernel": [kh, kw],
+                     "positions": positions, "input_bound": in_bound})
+
+    h, w = height, width
+    for name, kind, stride, padding in ANALYSIS:
+        if kind == "lagc":
+            add(name, "lagc", h * w, hw.act_max)
+        else:
+            k = params[name]["weight"].shape[-1]
+            h, w = conv_out(h, k, stride, padding), conv_out(w, k, stride, padding)
+            add(name, "conv", h * w, hw.image_max if name == ANALYSIS[0][0] else hw.act_max)
+    latent_h, latent_w = h, w
+    h, w = h + 2, w + 2  # causal padding (1, 1, 2, 0) of h_a
+    for name, kind, stride, padding in HYPER_ANALYSIS:
+        if kind == "lagc":
+            add(name, "lagc", h * w, hw.act_max)
+        else:
+            k = params[name]["weight"].shape[-1]
+            h, w = conv_out(h, k, stride, padding), conv_out(w, k, stride, padding)
+            add(name, "conv", h * w, hw.act_max)
+    for spec, (h, w) in ((HYPER_SYNTHESIS, (h, w)), (SYNTHESIS, (latent_h, latent_w))):
+        for name, kind, _, _ in spec:
+            if kind == "upsample":  # the 2x2 conv runs on the input padded by 1: (h + 1) x (w + 1) positions
+                add(name, "upsample_conv", (h + 1) * (w + 1),
+                    fxp.SYMBOL_MAX if name == HYPER_SYNTHESIS[0][0] else hw.act_max)
+                h, w = 2 * h, 2 * w
+            elif kind == "lagc":
+                add(name, "lagc", h * w, hw.act_max)
+    for short, name in CONTEXT_LAYERS.items():
+        add(name, "block_sparse_conv", latent_h * latent_w, hw.act_max)
+        rows[-1]["short_name"] = short
+    return rows
+
+
+def hardware_report(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, model_cfg: ModelConfig,
+                    blocks_per_group: dict[str, int], height: int = REPORT_SIZE[0],
+                    width: int = REPORT_SIZE[1]) -> dict[str, Any]:
+    """Per layer MACs (dense and block-sparse), weight bits, worst-case accumulator bits, blocks per group.
+
+    MACs count the multiply-accumulates of one ``height x width`` image: a convolution
+    ``C_out C_in kh kw`` per output position (the upsampling 2x2 conv at its ``(h+1)(w+1)``
+    positions before the pixel shuffle), an LAGC ``C^2`` for its affine conv plus ``2C``
+    for the gain and output products, a block-sparse layer only its active weights.
+    Raises :class:`~streamlic.fixedpoint.FixedPointError` naming the layer when a worst-case
+    accumulator does not fit ``hw.accumulator_bits``.
+    """
+    layers = []
+    for row in _layer_table(params, hw, height, width):
+        p = params[row["layer"]]
+        weight = p["affine_weight"] if row["kind"] == "lagc" else p["weight"]
+        out_c, in_c, kh, kw = weight.shape
+        dense = out_c * in_c * kh * kw
+        if row["kind"] == "lagc":
+            dense += 2 * out_c
+        active = int(p["mask"].sum()) if "mask" in p else dense
+        worst = float(weight.abs().sum(dim=(1, 2, 3)).max()) * row["input_bound"]
+        acc_bits = fxp.accumulator_bits(worst)
+        if acc_bits > hw.accumulator_bits:
+            raise fxp.FixedPointError(
+                f"{row['layer']}: worst-case accumulator |acc| <= {worst:.4g} needs {acc_bits} bits, more than "
+                f"hardware.accumulator_bits={hw.accumulator_bits}")
+        entry = {**row, "macs_per_position_dense": dense, "macs_per_position_sparse": active,
+                 "macs_dense": dense * row["positions"], "macs_sparse": active * row["positions"],
+                 "weight_bits": hw.weight_bits, "weight_bits_used": _signed_bits(float(weight.abs().max())),
+                 "accumulator_bits": acc_bits, "accumulator_bits_limit": hw.accumulator_bits}
+        if "mask" in p:
+            blocks = block_mask(p["mask"], hw.block_in, hw.block_out)
+            entry.update(blocks_per_group=blocks_per_group[row["short_name"]],
+                         block_count_per_group=[int(n) for n in blocks.flatten(1).sum(dim=1)],
+                         blocks_total_per_group=int(blocks[0].numel()),
+                         density=active / dense)
+        layers.append(entry)
+    totals = _totals(layers, height * width)
+    return {"image_size": [height, width], "hardware": hw.to_dict(), "model": model_cfg.to_dict(),
+            "layers": layers, "totals": totals}
+
+
+def _totals(layers: list[dict[str, Any]], pixels: int) -> dict[str, Any]:
+    context = [entry for entry in layers if entry["kind"] == "block_sparse_conv"]
+    dense = sum(entry["macs_dense"] for entry in layers)
+    sparse = sum(entry["macs_sparse"] for entry in layers)
+    context_dense = sum(entry["macs_dense"] for entry in context)
+    context_sparse = sum(entry["macs_sparse"] for entry in context)
+    return {"macs_dense": dense, "macs_sparse": sparse,
+            "macs_per_pixel_dense": dense / pixels, "macs_per_pixel_sparse": sparse / pixels,
+            "context_macs_dense": context_dense, "context_macs_sparse": context_sparse,
+            "context_sparse_ratio": context_sparse / context_dense if context_dense else 1.0,
+            "max_accumulator_bits": max(entry["accumulator_bits"] for entry in layers)}
+
+
+def format_hardware_report(report: dict[str, Any]) -> str:
+    height, width = report["image_size"]
+    hw = report["hardware"]
+    lines = [f"StreamLIC hardware report: {height}x{width} image, {hw['name']} "
+             f"(A={hw['activation_bits']}, W={hw['weight_bits']}, P={hw['precision_bits']}, "
+             f"accumulator {hw['accumulator_bits']} bits, blocks {hw['block_in']}x{hw['block_out']})", "",
+             f"{'layer':<22}{'kind':<18}{'in':>5}{'out':>6}{'k':>6}{'MACs dense':>15}{'MACs sparse':>15}"
+             f"{'w bits':>8}{'acc bits':>9}{'blocks/group':>14}"]
+    for e in report["layers"]:
+        blocks = f"{e['blocks_per_group']}/{e['blocks_total_per_group']}" if "blocks_per_group" in e else "-"
+        lines.append(f"{e['layer']:<22}{e['kind']:<18}{e['in_channels']:>5}{e['out_channels']:>6}"
+                     f"{'x'.join(map(str, e['kernel'])):>6}{e['macs_dense']:>15,}{e['macs_sparse']:>15,}"
+                     f"{e['weight_bits_used']:>4}/{e['weight_bits']:<3}{e['accumulator_bits']:>5}/"
+                     f"{e['accumulator_bits_limit']:<3}{blocks:>14}")
+    t = report["totals"]
+    lines += ["", f"total MACs: dense {t['macs_dense']:,}, sparse {t['macs_sparse']:,}",
+              f"MACs per pixel: dense {t['macs_per_pixel_dense']:.1f}, sparse {t['macs_per_pixel_sparse']:.1f}",
+              f"context engine MACs: dense {t['context_macs_dense']:,}, sparse {t['context_macs_sparse']:,} "
+              f"({100 * t['context_sparse_ratio']:.2f} %)",
+              f"widest worst-case accumulator: {t['max_accumulator_bits']} bits"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- C header
+
+def _c_int_type(bits: int, signed: bool) -> str:
+    width = next(w for w in (8, 16, 32, 64) if bits <= w)
+    return f"{'' if signed else 'u'}int{width}_t"
+
+
+def _c_type_for(key: str, hw: HardwareConfig) -> str:
+    if key.endswith("weight"):
+        return _c_int_type(hw.weight_bits, True)
+    if key.endswith("bias"):
+        return _c_int_type(hw.precision_bits, True)
+    if key.endswith("scale_param"):
+        return _c_int_type(hw.multiplier_bits, False)
+    if key.endswith("scale_shift"):
+        return _c_int_type(hw.shift_bits, False)
+    if key == "mask":
+        return _c_int_type(1, False)
+    raise KeyError(f"no C type for parameter {key}")
+
+
+def _c_name(*parts: str) -> str:
+    return "_".join([HEADER_PREFIX, *parts]).replace(".", "_").upper()
+
+
+def _c_array(name: str, ctype: str, values: Tensor) -> list[str]:
+    flat = [str(int(v)) for v in values.reshape(-1).tolist()]
+    shape = list(values.shape)
+    lines = [f"#define {name}_LEN {len(flat)}"]
+    lines += [f"#define {name}_D{axis} {size}" for axis, size in enumerate(shape)]
+    lines.append(f"static const {ctype} {name}[{len(flat)}] = {{  /* shape {shape} */")
+    lines += ["    " + ", ".join(flat[i:i + 16]) + "," for i in range(0, len(flat), 16)]
+    lines.append("};")
+    return lines
+
+
+def c_header(params: dict[str, dict[str, Tensor]], tables: dict[str, Tensor], hw: HardwareConfig,
+             model_cfg: ModelConfig, model_hash: str) -> str:
+    """``streamlic_params.h``: fixed-width ``static const`` arrays and ``#define`` s of shapes and widths."""
+    guard = _c_name("PARAMS_H")
+    lines = ["/* StreamLIC integer parameters, written by `streamlic export`. Do not edit. */",
+             f"#ifndef {guard}", f"#define {guard}", "", "#include <stdint.h>", "",
+             f'#define {_c_name("MODEL_HASH")} "{model_hash}"']
+    widths = {"ACT_BITS": hw.activation_bits, "WEIGHT_BITS": hw.weight_bits, "PRECISION_BITS": hw.precision_bits,
+              "RESIDUAL_BITS": hw.residual_bits, "ACCUMULATOR_BITS": hw.accumulator_bits,
+              "MULTIPLIER_BITS": hw.multiplier_bits, "SHIFT_BITS": hw.shift_bits, "BLOCK_IN": hw.block_in,
+              "BLOCK_OUT": hw.block_out, "LATENT_SHIFT": hw.latent_shift, "SYMBOL_MAX": fxp.SYMBOL_MAX,
+              "SCALE_LEVELS": fxp.SCALE_LEVELS, **{key.upper(): value for key, value in model_cfg.to_dict().items()}}
+    lines += [f"#define {_c_name(key)} {value}" for key, value in widths.items()]
+    for layer, layer_params in params.items():
+        lines += ["", f"/* ---- {layer} ---- */"]
+        for key, value in layer_params.items():
+            if value.is_floating_point():
+                lines.append(f"static const double {_c_name(layer, key)} = {float(value):.17g};")
+            else:
+                lines += _c_array(_c_name(layer, key), _c_type_for(key, hw), value)
+    table_types = {"cdf_y": "uint32_t", "cdf_z": "uint32_t", "tanh_lut": _c_int_type(hw.activation_bits, True)}
+    for name, table in tables.items():
+        lines += ["", *_c_array(_c_name(name), table_types[name], table)]
+    lines += ["", f"#endif /* {guard} */", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- files
+
+def _write_rows(path: Path, rows: Tensor) -> None:
+    """One line per row of a 2-D integer tensor."""
+    path.write_text("".join(" ".join(map(str, row)) + "\n" for row in rows.tolist()))
+
+
+def _hwc_rows(t: Tensor) -> Tensor:
+    """[1, C, H, W] -> [H * W, C]: (H, W, C) row-major, one pixel per row."""
+    return t[0].permute(1, 2, 0).reshape(-1, t.shape[1])
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+GOLDEN_TENSORS = {"x.txt": "x", "y.txt": "g_a.6", "z_hat.txt": "z_hat", "hyper.txt": "h_s.2",
+                  "symbols.txt": "symbols", "pdf_index.txt": "pdf_index", "y_hat.txt": "y_hat"}
+
+
+def _golden_vectors(integer_model: IntegerModel, image: Tensor, directory: Path) -> dict[str, Any]:
+    """Integer tensors of one image as (H, W, C) text, and their shapes for the manifest."""
+    if image.dim() == 3:
+        image = image[None]
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"golden vectors need one image [3, H, W], got shape {tuple(image.shape)}")
+    record = integer_model.forward(pad_to_multiple(image))
+    directory.mkdir(parents=True, exist_ok=True)
+    shapes = {}
+    for file_name, key in GOLDEN_TENSORS.items():
+        tensor = record[key]
+        _write_rows(directory / file_name, _hwc_rows(tensor))
+        shapes[file_name] = {"tensor": key, "shape_hwc": [tensor.shape[2], tensor.shape[3], tensor.shape[1]]}
+    return {"image_size": list(image.shape[-2:]), "padded_size": list(record["x"].shape[-2:]), "files": shapes}
+
+
+def _check_output_dir(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(f"{directory}: exists and is not a directory")
+
+
+def export_package(model, out_dir: str | Path, image: Tensor | None = None,
+                   image_name: str | None = None) -> dict[str, Path]:
+    """Write the hardware package of a QAT-or-later model into ``out_dir``; returns the written paths.
+
+    ``image`` [3, H, W] in [0, 1] (any size; padded to a multiple of 64) adds golden vectors.
+    Every check (stage, number ranges, block counts, accumulator widths) runs before the
+    first file is written.
+    """
+    require_integer_stage(model, "export")
+    hw, model_cfg = model.hw, model.model_cfg
+    params = export_quantized_parameters(model)
+    integer_model = IntegerModel.from_model(model, params=params)
+    blocks_per_group = {short: layer.blocks_per_group for short, layer in model.sparse_layers().items()}
+    streams, sections = hls_streams(params, hw, model_cfg, blocks_per_group)
+    if image is not None:
+        height, width = (math.ceil(size / PAD_MULTIPLE) * PAD_MULTIPLE for size in image.shape[-2:])
+    else:
+        height, width = REPORT_SIZE
+    report = hardware_report(params, hw, model_cfg, blocks_per_group, height, width)
+
+    directory = Path(out_dir)
+    _check_output_dir(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tables = {"cdf_y": integer_model.cdf_y, "cdf_z": integer_model.cdf_z, "tanh_lut": integer_model.tanh_lut}
+    written: dict[str, Path] = {}
+
+    def path_of(name: str) -> Path:
+        written[name] = directory / name
+        return written[name]
+
+    torch.save(params, path_of("params.pt"))
+    arrays = {f"{layer}/{key}": value.numpy() for layer, layer_params in params.items()
+              for key, value in layer_params.items()}
+    arrays.update({f"tables/{name}": table.numpy() for name, table in tables.items()})
+    with open(path_of("params.npz"), "wb") as handle:
+        np.savez(handle, **arrays)
+    path_of("streamlic_params.h").write_text(c_header(params, tables, hw, model_cfg, integer_model.model_hash))
+    for name, stream_lines in streams.items():
+        path_of(name).write_text("".join(line + "\n" for line in stream_lines))
+    _write_rows(path_of("cdf_y.txt"), integer_model.cdf_y)
+    _write_rows(path_of("cdf_z.txt"), integer_model.cdf_z)
+    golden = None
+    if image is not None:
+        golden = _golden_vectors(integer_model, image, directory / "golden")
+        golden["image"] = image_name
+        for file_name in GOLDEN_TENSORS:
+            written[f"golden/{file_name}"] = directory / "golden" / file_name
+    path_of("hardware_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    path_of("hardware_report.txt").write_text(format_hardware_report(report))
+
+    manifest = {
+        "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model_hash": integer_model.model_hash,
+        "stage": model.stage,
+        "config": {"model": model_cfg.to_dict(), "hardware": hw.to_dict(), "sparsity": model.sparsity_cfg.to_dict()},
+        "bit_widths": {"activation": hw.activation_bits, "weight": hw.weight_bits, "precision": hw.precision_bits,
+                       "residual": hw.residual_bits, "accumulator": hw.accumulator_bits,
+                       "multiplier": hw.multiplier_bits, "shift": hw.shift_bits, "symbol": 8,
+                       "cdf_precision": 16},
+        "layers": {layer: {key: ({"shape": list(value.shape), "dtype": "int64"} if not value.is_floating_point()
+                                 else float(value))
+                           for key, value in layer_params.items()}
+                   for layer, layer_params in params.items()},
+        "context_layers": _sparse_layer_info(params, hw, blocks_per_group),
+        "hls_streams": sections,
+        "cdf": {"tables": {"cdf_y": list(integer_model.cdf_y.shape), "cdf_z": list(integer_model.cdf_z.shape)},
+                "symbol_offset": -fxp.SYMBOL_MAX, "precision": 16,
+                "note": "column j of a row is the cumulative frequency below symbol j - 127; the last column "
+                        "closes the overflow slot"},
+        "golden": golden,
+        "files": {name: {"sha256": _sha256(path), "bytes": path.stat().st_size} for name, path in written.items()},
+    }
+    path_of("manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("exported %s (model %s…) to %s", model.stage, integer_model.model_hash[:12], directory)
+    return written
+
+
+def load_export(directory: str | Path) -> dict[str, Any]:
+    """Read an export back: params (npz, with ctx1/ctx2/ep from the HLS streams), tables, configs, hash."""
+    directory = Path(directory)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise ValueError(f"{directory}: no manifest.json; not a StreamLIC export directory")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{manifest_path}: not valid JSON ({err})") from err
+    if manifest.get("format") != EXPORT_FORMAT or manifest.get("version") != EXPORT_VERSION:
+        raise ValueError(f"{manifest_path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
+                         f"expected {EXPORT_FORMAT!r} version {EXPORT_VERSION}")
+    for name in ("params.npz", "cdf_y.txt", "cdf_z.txt", *STREAM_FILES):
+        if not (directory / name).is_file():
+            raise ValueError(f"{directory}: {name} is missing; the export is incomplete")
+    hw = hardware_config(manifest["config"]["hardware"])
+    model_cfg = model_config(manifest["config"]["model"])
+    params: dict[str, dict[str, Tensor]] = {}
+    tables: dict[str, Tensor] = {}
+    with np.load(directory / "params.npz") as arrays:
+        for key in arrays.files:
+            group, name = key.split("/", 1)
+            tensor = torch.from_numpy(arrays[key].copy())
+            if group == "tables":
+                tables[name] = tensor
+            else:
+                params.setdefault(group, {})[name] = tensor
+    for layer, stream_params in parse_hls_streams(directory, manifest, hw, model_cfg).items():
+        params[layer].update(stream_params)
+    cdf_y = torch.tensor(_read_ints(directory / "cdf_y.txt"), dtype=torch.int32)
+    cdf_z = torch.tensor(_read_ints(directory / "cdf_z.txt"), dtype=torch.int32)
+    shapes = manifest["cdf"]["tables"]
+    if "tanh_lut" not in tables:
+        raise ValueError(f"{directory / 'params.npz'}: tables/tanh_lut is missing")
+    return {"params": params, "hw": hw, "model_cfg": model_cfg, "tanh_lut": tables["tanh_lut"],
+            "cdf_y": _reshape_table(cdf_y, shapes["cdf_y"], directory / "cdf_y.txt"),
+            "cdf_z": _reshape_table(cdf_z, shapes["cdf_z"], directory / "cdf_z.txt"),
+            "model_hash": manifest["model_hash"], "manifest": manifest}
+
+
+def _reshape_table(values: Tensor, shape: list[int], path: Path) -> Tensor:
+    if values.numel() != math.prod(shape):
+        raise ValueError(f"{path}: {values.numel()} integers, expected a {shape[0]} x {shape[1]} table")
+    return values.reshape(shape)
+
+
+# ---------------------------------------------------------------------- command line
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="write the integer parameters, HLS streams, C header, tables and hardware report",
+        description="Export a QAT-or-later StreamLIC checkpoint (Lightning or plain state dict) for hardware.")
+    parser.add_argument("checkpoint", help="stage checkpoint (.ckpt) or state dict file")
+    parser.add_argument("-o", "--output", required=True, help="output directory")
+    parser.add_argument("--image", help="image file whose integer tensors become golden test vectors")
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    from .data import load_image
+    from .model import StreamLIC
+
+    model = StreamLIC.from_checkpoint(args.checkpoint)
+    image = load_image(args.image) if args.image else None
+    written = export_package(model, args.output, image=image, image_name=Path(args.image).name if args.image else None)
+    log.info("wrote %d files to %s", len(written), args.output)
+    return 0

@@ -261,13 +261,19 @@ class IntegerModel:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_model(cls, model: "StreamLIC", context_engine: str = "sparse") -> "IntegerModel":
-        """The integer model of a QAT-or-later StreamLIC (refuses an earlier stage)."""
+    def from_model(cls, model: "StreamLIC", context_engine: str = "sparse",
+                   params: dict[str, dict[str, Tensor]] | None = None) -> "IntegerModel":
+        """The integer model of a QAT-or-later StreamLIC (refuses an earlier stage).
+
+        ``params``: the model's integers if :func:`~streamlic.export.export_quantized_parameters`
+        already produced them.
+        """
         from .entropy import coding_tables
         from .export import export_quantized_parameters  # lazy: export builds on this module
 
         require_integer_stage(model, "IntegerModel.from_model")
-        params = export_quantized_parameters(model)
+        if params is None:
+            params = export_quantized_parameters(model)
         with torch.no_grad():
             cdf_y, cdf_z = coding_tables(model)
         return cls(params, hw=model.hw, model_cfg=model.model_cfg, cdf_y=cdf_y, cdf_z=cdf_z,
@@ -524,8 +530,8 @@ class BitExactReport:
             lines.append(f"{layer.name:<24}{str(list(layer.shape)):<22}{layer.mismatches:>11}"
                          f"{layer.max_abs_diff:>11}{layer.max_off_grid:>10.2g}")
         first = self.first_mismatch
-        lines.append("bit-exact" if first is None else
-                     f"first differing layer: {first.name} ({first.mismatches} integers, max |diff| {first.max_abs_diff})")
+        lines.append("bit-exact" if first is None else f"first differing layer: {first.name} "
+                     f"({first.mismatches} integers, max |diff| {first.max_abs_diff})")
         return "\n".join(lines)
 
     __str__ = format

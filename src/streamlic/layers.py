@@ -59,8 +59,40 @@ def straight_through(surrogate: Tensor, exact: Tensor) -> Tensor:
     return surrogate + (exact - surrogate).detach()
 
 
+def round_in_float64(fn, *tensors: Tensor) -> Tensor:
+    """``round(fn(*tensors))`` evaluated in float64, with the gradient of ``fn`` at the tensors' precision.
+
+    An integer of the datapath must not depend on the training precision: float32 and float64
+    round a quotient that lies near .5 differently.
+    """
+    surrogate = fn(*tensors)
+    exact = torch.round(fn(*(t.detach().double() for t in tensors)))
+    return straight_through(surrogate, exact.to(surrogate.dtype))
+
+
+def _unrounded(x: Tensor) -> Tensor:
+    return x
+
+
+def weight_quotient(w: Tensor, absmax: Tensor, hw: HardwareConfig) -> Tensor:
+    """``clamp(w, +-max|w_c|) / s_w`` for weights [C, ...] and per-channel ``absmax`` [C, 1, 1, 1]."""
+    return torch.clamp(w, -absmax, absmax) / fxp.weight_scale(torch.clamp(absmax, min=SCALE_FLOOR), hw)
+
+
 def _per_channel(t: Tensor) -> Tensor:
     return t.reshape(1, -1, 1, 1)
+
+
+def exact_accumulator(conv, q_in: Tensor, weight: Tensor, acc: Tensor) -> Tensor:
+    """Detached float64 accumulator ``conv(q_in, weight)`` of the exact datapath.
+
+    float32 sums of 12-bit products round once they pass 2**24, and a rounded sum that flips
+    one output spreads through every later layer; float64 sums stay exact below 2**53.
+    """
+    if acc.dtype == torch.float64:
+        return acc.detach()
+    with torch.no_grad():
+        return conv(q_in.detach().double(), weight.detach().double())
 
 
 class QuantLayer(nn.Module):
@@ -81,9 +113,13 @@ class QuantLayer(nn.Module):
 
     @property
     def out_scale(self) -> Tensor:
+        return self._scale_of(self.act_absmax)
+
+    def _scale_of(self, act_absmax: Tensor) -> Tensor:
+        """Output scale for the running max ``act_absmax`` (in its dtype)."""
         if self.fixed_scale is not None:
-            return self.act_absmax.new_tensor(self.fixed_scale)
-        return torch.clamp(self.act_absmax, min=SCALE_FLOOR * self.hw.act_max) / self.hw.act_max
+            return act_absmax.new_tensor(self.fixed_scale)
+        return torch.clamp(act_absmax, min=SCALE_FLOOR * self.hw.act_max) / self.hw.act_max
 
     @torch.no_grad()
     def track_range(self, out: Tensor) -> None:
@@ -164,10 +200,9 @@ class QConv2d(QuantLayer):
         return fxp.weight_scale(torch.clamp(self.weight_absmax, min=SCALE_FLOOR), self.hw)
 
     def _integer_weight_surrogate(self) -> Tensor:
-        """``q_w = round(clamp(w, +-max|w_c|) / s_w)`` with a straight-through gradient."""
-        w = self.effective_weight()
-        bound = self.weight_absmax.view(-1, 1, 1, 1)
-        return round_ste(torch.clamp(w, -bound, bound) / self.weight_scale().view(-1, 1, 1, 1))
+        """``q_w = round(clamp(w, +-max|w_c|) / s_w)`` (formed in float64) with a straight-through gradient."""
+        return round_in_float64(lambda w, absmax: weight_quotient(w, absmax, self.hw), self.effective_weight(),
+                                self.weight_absmax.view(-1, 1, 1, 1))
 
     def _requant_factor(self) -> Tensor:
         """Real factor ``m / 2**k ~= 2**r s_in s_w / s_out`` per output channel."""
@@ -184,7 +219,9 @@ class QConv2d(QuantLayer):
         return -self.out_bound, self.out_bound
 
     def _bias_integer(self) -> Tensor:
-        return fxp.quantize_bias(self.bias, self.out_scale, self.hw, rounding=round_ste)
+        return round_in_float64(
+            lambda b, absmax: fxp.quantize_bias(b, self._scale_of(absmax), self.hw, rounding=_unrounded),
+            self.bias, self.act_absmax)
 
     def integer_params(self) -> dict[str, Tensor]:
         """The integers the hardware holds for this layer (float tensors with integer values)."""
@@ -217,11 +254,13 @@ class QConv2d(QuantLayer):
     def _forward_quantized(self, x: Tensor) -> Tensor:
         """Integer-valued output (straight-through gradients) of the exact datapath."""
         q_in = round_ste(x / self.in_scale)
-        acc = self._conv(q_in, self._integer_weight_surrogate())
+        q_w = self._integer_weight_surrogate()
+        acc = self._conv(q_in, q_w)
         b_q = self._bias_integer()
         lo, hi = self._output_bounds()
         m, k = _per_channel(self.req_m).to(acc.dtype), _per_channel(self.req_k).to(acc.dtype)
-        exact = fxp.requantize(acc.detach(), m, k, _per_channel(b_q.detach()), self.hw, lo, hi)
+        exact = fxp.requantize(exact_accumulator(self._conv, q_in, q_w, acc), m.double(), k.double(),
+                               _per_channel(b_q.detach()).double(), self.hw, lo, hi).to(acc.dtype)
         factor = m * torch.exp2(-k) * 2.0**-self.hw.residual_bits
         surrogate = torch.clamp(acc * factor + _per_channel(b_q) * 2.0**-self.hw.residual_bits, lo, hi)
         return straight_through(surrogate, exact)
@@ -338,18 +377,28 @@ class LAGC(QuantLayer):
         hw = self.hw
         gamma, beta = self._gamma_beta()
         sign = torch.where(gamma.detach() < 0, -1.0, 1.0).to(gamma.dtype)
-        s_wa = fxp.weight_scale(torch.clamp(self.affine_absmax, min=SCALE_FLOOR), hw).view(-1, 1, 1, 1)
-        bound = self.affine_absmax.view(-1, 1, 1, 1)
-        q_wa = round_ste(torch.clamp(self.affine.weight, -bound, bound) / s_wa) * sign.view(-1, 1, 1, 1)
-        b_a = fxp.quantize_bias(self.affine.bias * sign, self.tanh_in_scale, hw, rounding=round_ste)
-        b_g = fxp.quantize_bias(beta + 1.0, self.gain_scale, hw, rounding=round_ste)
-        gain_factor = (2.0**hw.residual_bits) * gamma.abs() * self.tanh_out_scale / self.gain_scale
-        return q_wa, b_a, b_g, gain_factor
+        q_wa = round_in_float64(lambda w, absmax: weight_quotient(w, absmax, hw), self.affine.weight,
+                                self.affine_absmax.view(-1, 1, 1, 1)) * sign.view(-1, 1, 1, 1)
+        b_a = round_in_float64(lambda b: fxp.quantize_bias(b, self.tanh_in_scale, hw, rounding=_unrounded),
+                               self.affine.bias * sign)
+        b_g = round_in_float64(lambda b, s_g: fxp.quantize_bias(b + 1.0, s_g, hw, rounding=_unrounded),
+                               beta, self.gain_scale)
+        return q_wa, b_a, b_g, self._gain_factor(gamma, self.gain_scale)
+
+    def _gain_factor(self, gamma: Tensor, gain_scale: Tensor) -> Tensor:
+        """Real gain factor ``m_g / 2**k_g ~= 2**r |gamma| s_t / s_g``."""
+        return (2.0**self.hw.residual_bits) * gamma.abs() * self.tanh_out_scale / gain_scale
+
+    def _gain_multiplier(self, check: bool = True) -> tuple[Tensor, Tensor]:
+        """``(m_g, k_g)`` of the gain factor formed in float64, whatever the training precision."""
+        gamma, _ = self._gamma_beta()
+        factor = self._gain_factor(gamma.detach().double(), self.gain_scale.double())
+        return fxp.to_multiplier(factor, self.hw, f"{self.layer_name}.gain", check=check)
 
     def integer_params(self) -> dict[str, Tensor]:
         with torch.no_grad():
-            q_wa, b_a, b_g, gain_factor = self._integer_pieces()
-            m_g, k_g = fxp.to_multiplier(gain_factor.double(), self.hw, f"{self.layer_name}.gain")
+            q_wa, b_a, b_g, _ = self._integer_pieces()
+            m_g, k_g = self._gain_multiplier()
             return {
                 "affine_weight": q_wa,
                 "affine_bias": b_a,
@@ -382,23 +431,25 @@ class LAGC(QuantLayer):
         acc = F.conv2d(q_in, q_wa)
         # affine conv to the tanh input scale
         m_a, k_a = _per_channel(self.affine_m).to(acc.dtype), _per_channel(self.affine_k).to(acc.dtype)
-        a_exact = fxp.requantize(acc.detach(), m_a, k_a, _per_channel(b_a.detach()), hw)
+        # the exact integers are formed in float64 whatever the training precision
+        a_exact = fxp.requantize(exact_accumulator(F.conv2d, q_in, q_wa, acc), m_a.double(), k_a.double(),
+                                 _per_channel(b_a.detach()).double(), hw)
         a_sur = torch.clamp((acc * m_a * torch.exp2(-k_a) + _per_channel(b_a)) * r_scale, -hw.act_max, hw.act_max)
-        a = straight_through(a_sur, a_exact)
+        a = straight_through(a_sur, a_exact.to(acc.dtype))
         # tanh look-up
         t_exact = fxp.tanh_lookup(a_exact, self.tanh_lut)
-        t = straight_through(torch.tanh(a * self.tanh_in_scale) / self.tanh_out_scale, t_exact)
+        t = straight_through(torch.tanh(a * self.tanh_in_scale) / self.tanh_out_scale, t_exact.to(acc.dtype))
         # per-channel gain; its multiplier follows the trained gamma
-        m_g, k_g = fxp.to_multiplier(gain_factor.detach().double(), hw, f"{self.layer_name}.gain", check=False)
-        m_g, k_g = _per_channel(m_g).to(acc.dtype), _per_channel(k_g).to(acc.dtype)
-        g_exact = fxp.lagc_gain(t_exact, m_g, k_g, _per_channel(b_g.detach()), hw)
+        m_g, k_g = self._gain_multiplier(check=False)
+        g_exact = fxp.lagc_gain(t_exact, _per_channel(m_g), _per_channel(k_g), _per_channel(b_g.detach()).double(),
+                                hw)
         g_sur = torch.clamp((t * _per_channel(gain_factor) + _per_channel(b_g)) * r_scale, -hw.act_max, hw.act_max)
-        g = straight_through(g_sur, g_exact)
+        g = straight_through(g_sur, g_exact.to(acc.dtype))
         # output multiply with a floor shift
         m_o, k_o = _per_channel(self.out_m).to(acc.dtype), _per_channel(self.out_k).to(acc.dtype)
-        out_exact = fxp.lagc_output(q_in.detach(), g_exact, m_o, k_o, hw)
+        out_exact = fxp.lagc_output(q_in.detach().double(), g_exact, m_o.double(), k_o.double(), hw)
         out_sur = torch.clamp(q_in * g * m_o * torch.exp2(-k_o), -hw.act_max, hw.act_max)
-        return straight_through(out_sur, out_exact) * self.out_scale
+        return straight_through(out_sur, out_exact.to(acc.dtype)) * self.out_scale
 
 
 class FGPConv2d(QConv2d):
@@ -500,7 +551,8 @@ class FGPConv2d(QConv2d):
         b_q = super()._bias_integer()
         if not self.pdf_index:
             return b_q
-        return torch.where(self._odd(), fxp.scale_index_bias(self.bias, self.hw, rounding=round_ste), b_q)
+        index_bias = round_in_float64(lambda b: fxp.scale_index_bias(b, self.hw, rounding=_unrounded), self.bias)
+        return torch.where(self._odd(), index_bias, b_q)
 
     def _output_bounds(self):
         if not self.pdf_index:

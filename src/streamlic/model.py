@@ -200,6 +200,15 @@ class StreamLIC(CompressionModel):
         total = sum(layer.group_lasso() for layer in self.sparse_layers().values())
         return total * weight
 
+    def export_quantized_parameters(self) -> dict[str, dict[str, Tensor]]:
+        """Every quantized layer's integers (weight, bias, scale_param, scale_shift, mask, scales) by name.
+
+        Stage 3 (QAT) or later; see :func:`streamlic.export.export_quantized_parameters`.
+        """
+        from .export import export_quantized_parameters  # lazy: the exporter imports this module's layers
+
+        return export_quantized_parameters(self)
+
     def update(self, scale_table: Tensor | None = None, force: bool = False, update_quantiles: bool = False) -> bool:
         if scale_table is None:
             scale_table = fxp.sigma_levels(torch.float32)
