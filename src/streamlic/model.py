@@ -214,6 +214,22 @@ class StreamLIC(CompressionModel):
             scale_table = fxp.sigma_levels(torch.float32)
         return super().update(scale_table=scale_table, force=force, update_quantiles=update_quantiles)
 
+    def compress(self, x: Tensor) -> dict[str, Any]:
+        """compressai's ``compress``: ``{"strings": [y_strings, z_strings], "shape": z_shape}``.
+
+        Runs the exact integer model (stage 3 or later); ``x`` [B, 3, H, W] in [0, 1] is padded
+        to a multiple of 64. For many calls build one :class:`streamlic.codec.StreamCodec`.
+        """
+        from .codec import compress_batch  # lazy: the codec imports this module
+
+        return compress_batch(self, x)
+
+    def decompress(self, strings: list, shape) -> dict[str, Tensor]:
+        """compressai's ``decompress``: ``{"x_hat": ...}`` at the padded size, from the exact integer decoder."""
+        from .codec import decompress_batch
+
+        return decompress_batch(self, strings, shape)
+
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,126 @@
+"""Encode and decode seconds of StreamLIC's codec against CompressAI's mbt2018 and bmshj2018.
+
+    python bench/codec.py [--repeats 3] [--mbt-repeats 1] [--photo rocket] [--size 512x768]
+
+All codecs code the same real photo (a demo photo resized to the given height x width) on
+the same machine in one run, through real bitstreams:
+
+- StreamLIC, default size (c 48/96/192, M 192, N 96), random weights taken through the
+  stages to QAT (ranges tracked on the photo, masks set, scales frozen). Encoding and
+  decoding run the exact integer model (the path whose output equals
+  ``IntegerModel.synthesis`` bit for bit, which the script checks); decoding takes H/16
+  row steps.
+- ``mbt2018``: ``JointAutoregressiveHierarchicalPriors(N=192, M=192)``, whose
+  ``compress``/``decompress`` visit the latent pixels one by one.
+- ``bmshj2018-hyperprior``: ``ScaleHyperprior(N=128, M=192)`` (no context model).
+
+CompressAI's models run in float32 with random weights (``update()`` builds their tables);
+random weights change the bytes, not the work. Each time is the fastest of the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from streamlic import StreamLIC
+from streamlic.codec import StreamCodec
+from streamlic.data import demo_images
+from streamlic.integer_model import IntegerModel, pad_to_multiple
+
+GOALS = {"decode": 10.0, "encode": 3.0}  # StreamLIC's speed-up over mbt2018 (issue 5)
+
+
+def bench_photo(name: str, height: int, width: int) -> torch.Tensor:
+    photos = dict(demo_images())
+    if name not in photos:
+        raise SystemExit(f"unknown demo photo {name!r}; choose one of {sorted(photos)}")
+    image = F.interpolate(photos[name][None], size=(height, width), mode="bilinear", antialias=True,
+                          align_corners=False)
+    return image.clamp(0.0, 1.0)
+
+
+def streamlic_at_qat(x: torch.Tensor, seed: int = 0) -> StreamLIC:
+    """Default-size StreamLIC with random weights, taken through the stage API to QAT."""
+    torch.manual_seed(seed)
+    model = StreamLIC()
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):  # track activation ranges on the photo (no weight update)
+            model(pad_to_multiple(x))
+    model.set_all_mask()
+    model.toggle_mask(True)
+    model.toggle_quantization(True)
+    return model.eval()
+
+
+def fastest(run: Callable[[], object], repeats: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def time_streamlic(x: torch.Tensor, repeats: int) -> dict[str, float]:
+    codec = StreamCodec(IntegerModel.from_model(streamlic_at_qat(x)))
+    image = x[0]
+    encode_s, encoded = fastest(lambda: codec.encode(image), repeats)
+    decode_s, decoded = fastest(lambda: codec.decode(encoded.data), repeats)
+    expected = codec.engine.synthesis(encoded.code.y_hat_q)[0, :, :image.shape[1], :image.shape[2]]
+    if not torch.equal(decoded, expected):
+        raise SystemExit("StreamLIC's decoded image differs from the integer model's reconstruction")
+    rows_s, (_, code) = fastest(lambda: codec.read_latents(encoded.data), repeats)
+    synthesis_s, _ = fastest(lambda: codec.reconstruct(code), repeats)
+    return {"encode": encode_s, "decode": decode_s, "bytes": len(encoded.data), "rows": rows_s,
+            "synthesis": synthesis_s, "row_steps": code.symbols.shape[2]}
+
+
+def time_compressai(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    model.eval()
+    model.update(force=True)
+    with torch.no_grad():
+        encode_s, out = fastest(lambda: model.compress(x), repeats)
+        decode_s, _ = fastest(lambda: model.decompress(out["strings"], out["shape"]), repeats)
+    size = sum(len(s) for strings in out["strings"] for s in strings)
+    return {"encode": encode_s, "decode": decode_s, "bytes": size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of StreamLIC and bmshj2018 (fastest counts)")
+    parser.add_argument("--mbt-repeats", type=int, default=1, help="runs of mbt2018 (tens of seconds each)")
+    parser.add_argument("--photo", default="rocket", help="demo photo to resize")
+    parser.add_argument("--size", default="512x768", help="height x width")
+    args = parser.parse_args()
+    height, width = (int(v) for v in args.size.lower().split("x"))
+    from compressai.models import JointAutoregressiveHierarchicalPriors, ScaleHyperprior
+
+    x = bench_photo(args.photo, height, width)
+    torch.manual_seed(0)
+    results = {
+        "StreamLIC (exact integer)": time_streamlic(x, args.repeats),
+        "bmshj2018-hyperprior": time_compressai(ScaleHyperprior(N=128, M=192), x, args.repeats),
+        "mbt2018": time_compressai(JointAutoregressiveHierarchicalPriors(N=192, M=192), x, args.mbt_repeats),
+    }
+    mbt = results["mbt2018"]
+    print(f"\n{args.photo} resized to {width}x{height}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'codec':28s} {'encode s':>9s} {'decode s':>9s} {'bytes':>8s} {'enc vs mbt':>11s} {'dec vs mbt':>11s}")
+    for name, r in results.items():
+        print(f"{name:28s} {r['encode']:9.2f} {r['decode']:9.2f} {r['bytes']:8d} "
+              f"{mbt['encode'] / r['encode']:10.1f}x {mbt['decode'] / r['decode']:10.1f}x")
+    ours = results["StreamLIC (exact integer)"]
+    print(f"\nStreamLIC decode = {ours['rows']:.2f} s entropy decoding + {ours['row_steps']} row steps, "
+          f"{ours['synthesis']:.2f} s exact synthesis")
+    for what, goal in GOALS.items():
+        speedup = mbt[what] / ours[what]
+        print(f"{what}: {speedup:.1f}x faster than mbt2018 (goal {goal:g}x): {'met' if speedup >= goal else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
