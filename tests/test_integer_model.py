@@ -9,6 +9,7 @@ from _models import sample_photos, tiny_model
 from streamlic import fixedpoint as fxp
 from streamlic.integer_model import (BitExactReport, IntegerModel, StageError, compare_with_qat, pad_to_multiple,
                                      qat_integers)
+from streamlic.layers import LAGC, QConv2d
 
 HARDWARE = ("w12a12", "w8a8")
 INTEGER_STAGES = ("qat", "pdf")  # right after QAT, and after stage 5 (PDF tables)
@@ -186,3 +187,16 @@ def test_integer_model_holds_integers_only(integer_models):
             assert value.dtype == (torch.float64 if key.startswith("float_") else torch.int64), (layer, key)
     assert engine.cdf_y.shape == (fxp.SCALE_LEVELS, fxp.SYMBOL_COLUMNS + 2) and engine.cdf_y.dtype == torch.int32
     assert engine.cdf_z.shape == (engine.N, fxp.SYMBOL_COLUMNS + 2)
+
+
+def test_integer_parameters_do_not_depend_on_the_training_precision(models):
+    """float32 training reads the same integers the float64 export holds (ties near .5 included)."""
+    for (hw, stage), model in models.items():
+        exported = model.export_quantized_parameters()
+        for name, module in model.named_modules():
+            if isinstance(module, (QConv2d, LAGC)):
+                for key, value in module.integer_params().items():
+                    expected = exported[name][key]
+                    if key == "mask" and not module.masked:
+                        continue
+                    assert torch.equal(value.to(torch.int64), expected), (hw, stage, name, key)

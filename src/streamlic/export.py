@@ -82,7 +82,7 @@ def export_quantized_parameters(model) -> dict[str, dict[str, Tensor]]:
     :class:`~streamlic.integer_model.StageError` for a model before QAT.
     """
     require_integer_stage(model, "export_quantized_parameters")
-    exact = copy.deepcopy(model).double()  # the float64 integers are the ones the harness checks
+    exact = copy.deepcopy(model).cpu().double()  # the float64 integers are the ones the harness checks
     params: dict[str, dict[str, Tensor]] = {}
     for name, module in exact.named_modules():
         if not isinstance(module, (QConv2d, LAGC)):
