@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks import STAGE_CHECKPOINT_NAMES, NonFiniteLossError, StageSchedule, parse_schedule, read_finished_stages
 from streamlic.config import ConfigError
+from streamlic.export import export_package
 from streamlic.model import STAGES, StreamLIC
 from streamlic.sweep import context_macs_per_pixel, write_results
 
@@ -103,19 +104,24 @@ def _split_metrics(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {key[len(prefix):]: float(value) for key, value in metrics.items() if key.startswith(prefix)}
 
 
-def export_model(model: StreamLIC, out_dir: Path) -> str | None:
-    """The hardware package of a QAT-or-later model (DESIGN §6)."""
+def export_model(model: StreamLIC, out_dir: Path, datamodule) -> dict[str, Any]:
+    """The hardware package of a QAT-or-later model (DESIGN §6), golden vectors on the first test image.
+
+    An export that fails (a number out of its hardware range) is reported, not raised: the
+    trained checkpoints stay usable and ``streamlic export`` can be rerun on them.
+    """
     if not model.scales_frozen:
         log.warning("export skipped: the model is in stage %s; exports need stage 3 (qat) or later", model.stage)
-        return None
+        return {"dir": None, "error": f"model in stage {model.stage}"}
+    test_set = datamodule.test_dataset
+    image, name = (test_set[0], test_set.names[0]) if test_set is not None else (None, None)
     try:
-        from streamlic.export import export_package
-    except ImportError as err:
-        log.warning("export skipped: streamlic.export is not available (%s)", err)
-        return None
-    export_package(model, out_dir)
+        export_package(model.cpu(), out_dir, image=image, image_name=name)
+    except (ValueError, ArithmeticError) as err:
+        log.error("export failed (the checkpoints are kept; fix and rerun `streamlic export`): %s", err)
+        return {"dir": None, "error": str(err)}
     log.info("hardware package written to %s", out_dir)
-    return str(out_dir)
+    return {"dir": str(out_dir), "error": None}
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -156,7 +162,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 hardware=model.hw.name,
             )
             if results["status"] == "finished" and cfg.export:
-                results["export_dir"] = export_model(model, Path(cfg.paths.export_dir))
+                results["export"] = export_model(model, Path(cfg.paths.export_dir), datamodule)
             write_results(output_dir, results)
     finally:
         if trainer.is_global_zero and any(isinstance(logger, WandbLogger) for logger in loggers):

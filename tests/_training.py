@@ -110,3 +110,40 @@ class NaNInjector(Callback):
 
 def probe_overrides(out_dir: Path) -> list[str]:
     return ["+callbacks.probe._target_=_training.StateProbe", f"+callbacks.probe.out_dir={out_dir}"]
+
+
+class _TwoParameters(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.always = torch.nn.Parameter(torch.ones(3))
+        self.later = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.always * x).sum() + (self.later * x * x).sum()
+
+
+def ddp_gradient_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo ranks: for plain and stage-aware DDP, wrap while ``later`` is frozen, unfreeze, backward.
+
+    Saves ``{strategy: {parameter: grad}}`` to ``out_dir/rank<R>.pt``; the ranks see different inputs.
+    """
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from streamlic.distributed import StageAwareDDPStrategy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    grads = {}
+    try:
+        for name, cls in (("plain", DDPStrategy), ("stage_aware", StageAwareDDPStrategy)):
+            strategy = cls(parallel_devices=[torch.device("cpu")] * 2, find_unused_parameters=True)
+            module = _TwoParameters()
+            module.later.requires_grad_(False)  # e.g. the probability tables before stage 5
+            wrapped = strategy._setup_model(module)
+            module.later.requires_grad_(True)
+            wrapped(torch.full((3,), float(rank + 1))).backward()
+            grads[name] = {"always": module.always.grad, "later": module.later.grad}
+        torch.save(grads, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

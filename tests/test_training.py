@@ -261,6 +261,26 @@ def test_ddp_two_cpu_processes_agree_on_masks_and_stage(tmp_path):
     assert json.loads((out / "results.json").read_text())["status"] == "finished"
 
 
+def test_stage_aware_ddp_syncs_parameters_unfrozen_after_wrapping(tmp_path):
+    """Plain DDP never all-reduces a parameter that was frozen when it wrapped the model (stage 5's tables)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from _training import ddp_gradient_worker
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # fork: the ranks reuse the imported modules instead of importing torch and Lightning again
+    mp.start_processes(ddp_gradient_worker, args=(port, str(tmp_path)), nprocs=2, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for strategy, synced in (("plain", False), ("stage_aware", True)):
+        first, second = ranks[0][strategy], ranks[1][strategy]
+        assert torch.equal(first["always"], second["always"])
+        assert torch.equal(first["later"], second["later"]) is synced, strategy
+
+
 def _write_image(path: Path, height: int, width: int, seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)

@@ -27,24 +27,14 @@ from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from .integer_model import pad_to_multiple  # the codec's padding rule: whole images to a multiple of 64
 from .model import STAGES, StreamLIC
 
 log = logging.getLogger(__name__)
 
-# The network downsamples by 16 (g_a) and again by 4 (h_a): whole images are padded to 64.
-PAD_MULTIPLE = 64
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 MS_SSIM_KERNEL = 11
 AUX_PARAMETER_SUFFIX = ".quantiles"  # the EntropyBottleneck's quantiles train on the aux loss only
-
-
-def pad_to_multiple(x: Tensor, multiple: int = PAD_MULTIPLE) -> Tensor:
-    """Pad [B, C, H, W] at the bottom and right by edge replication (the codec's rule)."""
-    height, width = x.shape[-2:]
-    pad_h, pad_w = -height % multiple, -width % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x
-    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
 
 
 def bits_per_pixel(likelihoods: Mapping[str, Tensor], num_pixels: int) -> Tensor:
