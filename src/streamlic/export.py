@@ -180,17 +180,17 @@ def hls_streams(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, model_
             if len(blocks) != blocks_per_group[short]:
                 raise ExportError(f"{short} ({name}): output group {g} has {len(blocks)} active blocks, the "
                                   f"hardware expects {blocks_per_group[short]} (taps x group_num)")
-        emit("scale_params.txt", short, "scale_param", [str(int(v)) for v in p["scale_param"]])
-        emit("scale_shifts.txt", short, "scale_shift", [str(int(v)) for v in p["scale_shift"]])
+        emit("scale_params.txt", short, "scale_param", [str(v) for v in p["scale_param"].tolist()])
+        emit("scale_shifts.txt", short, "scale_shift", [str(v) for v in p["scale_shift"].tolist()])
         block_rows, pointers = [], []
         for g, blocks in enumerate(groups):
             for i, j, ig in blocks:
                 block = weight[g * po:(g + 1) * po, ig * pi:(ig + 1) * pi, i, j]
-                block_rows.extend(" ".join(str(int(v)) for v in row) for row in block)
+                block_rows.extend(" ".join(map(str, row)) for row in block.tolist())
                 pointer = i * (model_cfg.M // pi) + ig if short == "ctx1" else ig
                 pointers.append(f"{pointer} {j}")
         emit("weights.txt", short, "blocks", block_rows)
-        emit("biases.txt", short, "bias", [str(int(v)) for v in p["bias"]])
+        emit("biases.txt", short, "bias", [str(v) for v in p["bias"].tolist()])
         emit("biases.txt", short, "block_pointers", pointers)
     emit("biases.txt", "all", "symbol_bounds", [f"{fxp.SYMBOL_MAX} {-fxp.SYMBOL_MAX}"] * fxp.SCALE_LEVELS)
     return lines, sections
@@ -199,8 +199,6 @@ def hls_streams(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, model_
 def _read_ints(path: Path) -> list[int]:
     try:
         return [int(token) for token in path.read_text().split()]
-    except FileNotFoundError:
-        raise
     except ValueError as err:
         raise ValueError(f"{path}: not a stream of integers ({err})") from err
 
@@ -258,10 +256,6 @@ def parse_hls_streams(directory: Path, manifest: dict[str, Any], hw: HardwareCon
 
 
 # ---------------------------------------------------------------------- hardware report
-
-def _signed_bits(max_abs: float) -> int:
-    return fxp.accumulator_bits(max_abs)
-
 
 def _layer_table(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, height: int,
                  width: int) -> list[dict[str, Any]]:
@@ -338,7 +332,7 @@ def hardware_report(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, mo
                 f"hardware.accumulator_bits={hw.accumulator_bits}")
         entry = {**row, "macs_per_position_dense": dense, "macs_per_position_sparse": active,
                  "macs_dense": dense * row["positions"], "macs_sparse": active * row["positions"],
-                 "weight_bits": hw.weight_bits, "weight_bits_used": _signed_bits(float(weight.abs().max())),
+                 "weight_bits": hw.weight_bits, "weight_bits_used": fxp.accumulator_bits(float(weight.abs().max())),
                  "accumulator_bits": acc_bits, "accumulator_bits_limit": hw.accumulator_bits}
         if "mask" in p:
             blocks = block_mask(p["mask"], hw.block_in, hw.block_out)
@@ -414,7 +408,7 @@ def _c_name(*parts: str) -> str:
 
 
 def _c_array(name: str, ctype: str, values: Tensor) -> list[str]:
-    flat = [str(int(v)) for v in values.reshape(-1).tolist()]
+    flat = [str(v) for v in values.reshape(-1).tolist()]
     shape = list(values.shape)
     lines = [f"#define {name}_LEN {len(flat)}"]
     lines += [f"#define {name}_D{axis} {size}" for axis, size in enumerate(shape)]
