@@ -1,6 +1,6 @@
 """Encode and decode seconds of StreamLIC's codec against CompressAI's mbt2018 and bmshj2018.
 
-    python bench/codec.py [--repeats 3] [--mbt-repeats 1] [--photo rocket] [--size 512x768]
+    python bench/codec.py [--repeats 3] [--mbt-repeats 1] [--threads N] [--photo rocket] [--size 512x768]
 
 All codecs code the same real photo (a demo photo resized to the given height x width) on
 the same machine in one run, through real bitstreams:
@@ -15,7 +15,10 @@ the same machine in one run, through real bitstreams:
 - ``bmshj2018-hyperprior``: ``ScaleHyperprior(N=128, M=192)`` (no context model).
 
 CompressAI's models run in float32 with random weights (``update()`` builds their tables);
-random weights change the bytes, not the work. Each time is the fastest of the repeats.
+random weights change the bytes, not the work. Each time is the fastest of the repeats, in
+wall-clock seconds, with the same number of torch threads for every codec. On a machine that
+other processes share, ``--threads 1`` gives the steadiest numbers: with more threads every
+small op of a per-pixel (mbt2018) or per-row loop waits for workers that may be descheduled.
 """
 
 from __future__ import annotations
@@ -97,7 +100,10 @@ def main() -> None:
     parser.add_argument("--mbt-repeats", type=int, default=1, help="runs of mbt2018 (tens of seconds each)")
     parser.add_argument("--photo", default="rocket", help="demo photo to resize")
     parser.add_argument("--size", default="512x768", help="height x width")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     height, width = (int(v) for v in args.size.lower().split("x"))
     from compressai.models import JointAutoregressiveHierarchicalPriors, ScaleHyperprior
 
