@@ -234,9 +234,10 @@ class _BlockSparseRowConv(_Conv):
         padded = F.pad(rows.to(torch.float64), (self.width_padding, self.width_padding))
         out_width = width + 2 * self.width_padding - self.weight.shape[3] + 1
         pi = self.hw.block_in
-        slabs = torch.stack([padded[:, :, i, j:j + out_width] for i, j in self.taps], dim=1)
+        # [B, C, kh, kw, w] windows -> one [PI, w] slab per (tap, input group), tap-major
+        slabs = padded.unfold(3, out_width, 1).permute(0, 2, 3, 1, 4)
         slabs = slabs.reshape(batch, len(self.taps) * self.in_groups, pi, out_width)
-        gathered = slabs[:, self.slab_index]  # [B, out_groups, blocks, PI, w]
+        gathered = slabs.index_select(1, self.slab_index.reshape(-1))  # [B, out_groups * blocks, PI, w]
         gathered = gathered.reshape(batch, self.out_groups, -1, out_width)
         acc = torch.matmul(self.packed_weight, gathered)  # [B, out_groups, PO, w]
         acc = acc.reshape(batch, -1, 1, out_width).to(torch.int64)
