@@ -172,6 +172,12 @@ def lagc_output(q_in: Tensor, gain: Tensor, m_o: Tensor, k_o: Tensor, hw: Hardwa
     The hardware's extra 16-bit left and right shifts cancel exactly, so the product is
     formed without them (which also keeps it below 2**53 in float64).
     """
+    if not q_in.is_floating_point():
+        # integer model: in place on one fresh tensor, as in requantize
+        v = q_in * gain
+        v *= m_o
+        v >>= k_o
+        return v.clamp_(-hw.act_max, hw.act_max)
     return clamp_symmetric(shift_floor(q_in * gain * m_o, k_o), hw.act_max)
 
 
