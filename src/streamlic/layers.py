@@ -83,18 +83,6 @@ def _per_channel(t: Tensor) -> Tensor:
     return t.reshape(1, -1, 1, 1)
 
 
-def exact_accumulator(conv, q_in: Tensor, weight: Tensor, acc: Tensor) -> Tensor:
-    """Detached float64 accumulator ``conv(q_in, weight)`` of the exact datapath.
-
-    float32 sums of 12-bit products round once they pass 2**24, and a rounded sum that flips
-    one output spreads through every later layer; float64 sums stay exact below 2**53.
-    """
-    if acc.dtype == torch.float64:
-        return acc.detach()
-    with torch.no_grad():
-        return conv(q_in.detach().double(), weight.detach().double())
-
-
 class QuantLayer(nn.Module):
     """Base of layers with a quantized output: activation range, frozen scales, stage flags."""
 
@@ -259,7 +247,7 @@ class QConv2d(QuantLayer):
         b_q = self._bias_integer()
         lo, hi = self._output_bounds()
         m, k = _per_channel(self.req_m).to(acc.dtype), _per_channel(self.req_k).to(acc.dtype)
-        exact = fxp.requantize(exact_accumulator(self._conv, q_in, q_w, acc), m.double(), k.double(),
+        exact = fxp.requantize(acc.detach().double(), m.double(), k.double(),
                                _per_channel(b_q.detach()).double(), self.hw, lo, hi).to(acc.dtype)
         factor = m * torch.exp2(-k) * 2.0**-self.hw.residual_bits
         surrogate = torch.clamp(acc * factor + _per_channel(b_q) * 2.0**-self.hw.residual_bits, lo, hi)
@@ -431,8 +419,8 @@ class LAGC(QuantLayer):
         acc = F.conv2d(q_in, q_wa)
         # affine conv to the tanh input scale
         m_a, k_a = _per_channel(self.affine_m).to(acc.dtype), _per_channel(self.affine_k).to(acc.dtype)
-        # the exact integers are formed in float64 whatever the training precision
-        a_exact = fxp.requantize(exact_accumulator(F.conv2d, q_in, q_wa, acc), m_a.double(), k_a.double(),
+        # float32 sums past 2**24 may round (DESIGN §3 accepts it for training); float64 is exact
+        a_exact = fxp.requantize(acc.detach().double(), m_a.double(), k_a.double(),
                                  _per_channel(b_a.detach()).double(), hw)
         a_sur = torch.clamp((acc * m_a * torch.exp2(-k_a) + _per_channel(b_a)) * r_scale, -hw.act_max, hw.act_max)
         a = straight_through(a_sur, a_exact.to(acc.dtype))

@@ -390,7 +390,8 @@ class StreamLIC(CompressionModel):
             symbols = None
         else:
             y_hat, symbols, ep_out = self.decode_rows(y.detach(), params.detach())
-            if self.training:
+            if self.training and not self.pdf_training:
+                # the same predictions again, batched over rows, to carry gradients to the context layers
                 ep_out = self.entropy_params(params, self.context_prediction(self.context_input(y_hat)))
             means, sigma, index = self.split_entropy_params(ep_out)
             if self.pdf_training:
