@@ -403,6 +403,18 @@ def _c_type_for(key: str, hw: HardwareConfig) -> str:
     raise KeyError(f"no C type for parameter {key}")
 
 
+# numpy and torch handle unsigned types wider than 8 bits poorly: those go one signed size up
+_STORAGE_DTYPES = {"int8_t": torch.int8, "int16_t": torch.int16, "int32_t": torch.int32, "int64_t": torch.int64,
+                   "uint8_t": torch.uint8, "uint16_t": torch.int32, "uint32_t": torch.int64}
+
+
+def _compact(key: str, value: Tensor, hw: HardwareConfig) -> Tensor:
+    """An integer parameter in the narrowest dtype its hardware width fits (as in the C header)."""
+    if value.is_floating_point():
+        return value
+    return value.to(_STORAGE_DTYPES[_c_type_for(key, hw)])
+
+
 def _c_name(*parts: str) -> str:
     return "_".join([HEADER_PREFIX, *parts]).replace(".", "_").upper()
 
@@ -516,8 +528,10 @@ def export_package(model, out_dir: str | Path, image: Tensor | None = None,
         written[name] = directory / name
         return written[name]
 
-    torch.save(params, path_of("params.pt"))
-    arrays = {f"{layer}/{key}": value.numpy() for layer, layer_params in params.items()
+    stored = {layer: {key: _compact(key, value, hw) for key, value in layer_params.items()}
+              for layer, layer_params in params.items()}
+    torch.save(stored, path_of("params.pt"))
+    arrays = {f"{layer}/{key}": value.numpy() for layer, layer_params in stored.items()
               for key, value in layer_params.items()}
     arrays.update({f"tables/{name}": table.numpy() for name, table in tables.items()})
     with open(path_of("params.npz"), "wb") as handle:
@@ -544,7 +558,9 @@ def export_package(model, out_dir: str | Path, image: Tensor | None = None,
                        "residual": hw.residual_bits, "accumulator": hw.accumulator_bits,
                        "multiplier": hw.multiplier_bits, "shift": hw.shift_bits, "symbol": 8,
                        "cdf_precision": 16},
-        "layers": {layer: {key: ({"shape": list(value.shape), "dtype": "int64"} if not value.is_floating_point()
+        "layers": {layer: {key: ({"shape": list(value.shape),
+                                  "dtype": str(stored[layer][key].dtype).removeprefix("torch.")}
+                                 if not value.is_floating_point()
                                  else float(value))
                            for key, value in layer_params.items()}
                    for layer, layer_params in params.items()},
@@ -586,6 +602,8 @@ def load_export(directory: str | Path) -> dict[str, Any]:
         for key in arrays.files:
             group, name = key.split("/", 1)
             tensor = torch.from_numpy(arrays[key].copy())
+            if not tensor.is_floating_point():
+                tensor = tensor.to(torch.int64)
             if group == "tables":
                 tables[name] = tensor
             else:
