@@ -71,6 +71,14 @@ def test_round_trip_equals_the_integer_models_reconstruction(stage, models, code
         assert torch.equal(latents.z_hat, encoded.code.z_hat), name
 
 
+def test_strip_synthesis_equals_whole_image_synthesis(codecs):
+    encoder = codecs["pdf"]
+    image = dict(demo_images("test"))["rocket"]  # 427 x 640: 28 latent rows, four strips, the last one short
+    code = encoder.encode(image).code
+    assert code.y_hat_q.shape[2] > 3 * codec.SYNTHESIS_STRIP_ROWS
+    assert torch.equal(encoder.reconstruct(code), encoder.engine.synthesis(code.y_hat_q))
+
+
 def test_compressai_api_round_trip_matches_the_file_codec(models, codecs):
     model = models["pdf"]
     x = torch.cat([sample_photos()[0][1], sample_photos()[0][1].flip(-1)])  # a batch of two 192x256 photos

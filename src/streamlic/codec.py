@@ -65,7 +65,7 @@ from torch import Tensor
 from . import fixedpoint as fxp
 from .data import ImageReadError, load_image, scan_folder
 from .entropy import CDF_PRECISION, frequencies
-from .integer_model import IntegerModel, StageError, pad_to_multiple
+from .integer_model import PAD_MULTIPLE, IntegerModel, StageError, pad_to_multiple
 from .model import StreamLIC
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,7 @@ FORMAT_VERSION = 1
 _HEADER_FIELDS = struct.Struct("<4sBIIHH16sII")
 _CRC = struct.Struct("<I")
 HEADER_SIZE = _HEADER_FIELDS.size + _CRC.size  # 45 bytes
-PAD_MULTIPLE = 64  # g_a and h_a downsample by 64 in all
-LATENT_STRIDE = 16
+LATENT_STRIDE = 16  # image pixels per latent pixel (PAD_MULTIPLE, 64, per hyper-latent pixel)
 MODEL_ID_BYTES = 16
 SYNTHESIS_STRIP_ROWS = 8  # latent rows per synthesis strip (128 pixel rows)
 SYNTHESIS_HALO_ROWS = 1  # see StreamCodec.reconstruct
@@ -310,11 +309,14 @@ class StreamCodec:
                                      len(z_stream), len(y_stream))
         crc = zlib.crc32(y_stream, zlib.crc32(z_stream, zlib.crc32(fields)))
         data = b"".join((fields, _CRC.pack(crc), z_stream, y_stream))
+        log.debug("encoded %dx%d: %d bytes (header %d, z %d, y %d)", width, height, len(data), HEADER_SIZE,
+                  len(z_stream), len(y_stream))
         return EncodedImage(data, height, width, code, self.estimated_bits(code, 0))
 
     def decode(self, data: bytes, source: str = "<bytes>") -> Tensor:
         """The image [3, H, W] in [0, 1] stored in a file's bytes; ``source`` names it in errors."""
         header, code = self.read_latents(data, source)
+        log.debug("%s: %dx%d image, %d latent row steps", source, header.width, header.height, header.latent_rows)
         return self.reconstruct(code)[0, :, :header.height, :header.width]
 
     def read_latents(self, data: bytes, source: str = "<bytes>") -> tuple[FileHeader, LatentCode]:
@@ -552,6 +554,13 @@ def evaluate_folder(checkpoints: Sequence[CodecSource], folder: str | os.PathLik
     Returns CompressAI's results format: ``results`` holds one value per checkpoint (the mean
     over the images) for each metric, so several checkpoints make an RD curve; ``per_image``
     holds the records behind each point. Unreadable images are reported and skipped.
+
+    Metrics: ``bpp`` counts every byte of the file (header included) per original pixel;
+    ``bpp-estimated`` is the ideal code length of the coded symbols under the 16-bit coding
+    tables (``-log2(frequency / 2**16)``, the likelihoods stage 5 trains on); ``psnr-rgb`` and
+    ``ms-ssim-rgb`` compare the 8-bit input with the 8-bit decoded image (MS-SSIM is null
+    for images under 161 pixels a side); times are seconds of :meth:`StreamCodec.encode`
+    and :meth:`StreamCodec.decode`, without reading or writing files.
     """
     paths = scan_folder(folder)
     if not paths:
@@ -601,11 +610,12 @@ def plot_rd(curves: Sequence[dict[str, Any]], path: str | os.PathLike, force: bo
     figure, (psnr_axis, msssim_axis) = plt.subplots(1, 2, figsize=(11, 4.5))
     for curve in curves:
         results = curve["results"]
-        for axis, metric, transform in ((psnr_axis, "psnr-rgb", float),
-                                        (msssim_axis, "ms-ssim-rgb", lambda v: -10.0 * math.log10(1.0 - v))):
-            points = sorted((float(bpp), transform(value)) for bpp, value in zip(results["bpp"],
-                                                                                   results.get(metric, []))
-                            if bpp is not None and value is not None and (metric != "ms-ssim-rgb" or value < 1))
+        for axis, metric, transform in ((psnr_axis, "psnr", float),
+                                        (msssim_axis, "ms-ssim", lambda v: -10.0 * math.log10(1.0 - v))):
+            # older CompressAI results files name the metrics without the "-rgb" suffix
+            values = results.get(f"{metric}-rgb", results.get(metric, []))
+            points = sorted((float(bpp), transform(value)) for bpp, value in zip(results["bpp"], values)
+                            if bpp is not None and value is not None and (metric != "ms-ssim" or value < 1))
             if points:
                 axis.plot(*zip(*points), marker="o", label=curve["name"])
     for axis, label in ((psnr_axis, "PSNR RGB [dB]"), (msssim_axis, "MS-SSIM RGB [dB]")):
