@@ -81,6 +81,25 @@ def load_init_checkpoint(model: StreamLIC, path: str | Path) -> str:
     return STAGES[index + 1]
 
 
+def check_launcher(cfg: DictConfig) -> None:
+    """Refuse DDP with Lightning's popen launcher inside a local multirun.
+
+    That launcher starts each extra rank by re-running the command line, which inside a
+    multirun would start the whole sweep again in every rank.
+    """
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    if not HydraConfig.get().launcher._target_.endswith("BasicLauncher") or cfg.trainer.get("devices") == 1:
+        return
+    strategy = cfg.trainer.get("strategy")
+    start_method = strategy.get("start_method", "popen") if isinstance(strategy, DictConfig) else str(strategy)
+    if start_method == "popen" or start_method in ("ddp", "ddp_find_unused_parameters_true"):
+        raise ConfigError(
+            "trainer.strategy: DDP with start_method=popen cannot run inside a local multirun (every rank would "
+            "restart the sweep); sweep with the SLURM launcher (hydra/launcher=slurm) or run the DDP jobs one by one"
+        )
+
+
 def build_callbacks(cfg: DictConfig, start_stage: str) -> list[L.Callback]:
     callbacks = []
     for name, node in (cfg.get("callbacks") or {}).items():
@@ -126,7 +145,8 @@ def export_model(model: StreamLIC, out_dir: Path, datamodule) -> dict[str, Any]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One training run; returns (and writes to ``results.json``) its results."""
-    parse_schedule(cfg.schedule.stages)  # schedule errors before anything is built
+    parse_schedule(cfg.schedule.stages)  # schedule and launcher errors before anything is built
+    check_launcher(cfg)
     L.seed_everything(cfg.seed, workers=True)
     model = build_model(cfg)
     start_stage = load_init_checkpoint(model, cfg.init_from) if cfg.init_from else STAGES[0]

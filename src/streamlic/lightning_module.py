@@ -226,13 +226,17 @@ class StreamLICModule(L.LightningModule):
         self.log_dict(extras, on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss.detach()
 
-    def _evaluation_step(self, split: str, x: Tensor) -> None:
+    def _evaluate_batch(self, x: Tensor, metrics: RateDistortionMetrics) -> None:
+        """Whole images (padded to a multiple of 64, cropped back; the rate counts the image pixels)."""
         height, width = x.shape[-2:]
         out, clamped = self._forward(pad_to_multiple(x))
         out["x_hat"] = out["x_hat"][..., :height, :width]
         terms = self.rate_distortion(x, out)
-        metrics = getattr(self, f"{split}_metrics")
         metrics(terms["loss"], terms["bpp"], out["x_hat"], x, clamped)
+
+    def _evaluation_step(self, split: str, x: Tensor) -> None:
+        metrics = getattr(self, f"{split}_metrics")
+        self._evaluate_batch(x, metrics)
         self.log_dict({f"{split}/{name}": metric for name, metric in metrics.items().items()},
                       on_step=False, on_epoch=True, batch_size=x.shape[0], prog_bar=False)
 
@@ -253,12 +257,7 @@ class StreamLICModule(L.LightningModule):
         metrics = RateDistortionMetrics(sync_on_compute=False).to(self.device)
         try:
             for x in dataloader:
-                x = x.to(self.device)
-                height, width = x.shape[-2:]
-                out, clamped = self._forward(pad_to_multiple(x))
-                out["x_hat"] = out["x_hat"][..., :height, :width]
-                terms = self.rate_distortion(x, out)
-                metrics(terms["loss"], terms["bpp"], out["x_hat"], x, clamped)
+                self._evaluate_batch(x.to(self.device), metrics)
             return metrics.compute()
         finally:
             self.model.train(was_training)
