@@ -66,8 +66,8 @@ def load_init_checkpoint(model: StreamLIC, path: str | Path) -> str:
     if saved["flags"]["masks_set"] and saved["config"]["sparsity"] != model.sparsity_cfg.to_dict():
         raise ConfigError(
             f"sparsity={model.sparsity_cfg.to_dict()}: init_from={path} already has masks cut for "
-            f"sparsity={saved['config']['sparsity']}; start from a stage-1 checkpoint ({STAGE_CHECKPOINT_NAMES['aun']}) "
-            "to train other densities"
+            f"sparsity={saved['config']['sparsity']}; start from a stage-1 checkpoint "
+            f"({STAGE_CHECKPOINT_NAMES['aun']}) to train other densities"
         )
     model.load_state_dict(state)
     finished = read_finished_stages(torch.load(path, map_location="cpu", weights_only=False))
@@ -76,7 +76,8 @@ def load_init_checkpoint(model: StreamLIC, path: str | Path) -> str:
                     path, model.stage)
     index = STAGES.index(model.stage)
     if index + 1 == len(STAGES):
-        raise ConfigError(f"init_from={path}: the checkpoint is in the last stage ({model.stage}); nothing is left to train")
+        raise ConfigError(f"init_from={path}: the checkpoint is in the last stage ({model.stage}); nothing is left "
+                          "to train")
     log.info("init_from %s: model in stage %s; this run starts at stage %s", path, model.stage, STAGES[index + 1])
     return STAGES[index + 1]
 

@@ -70,7 +70,8 @@ def parse_schedule(stages: Mapping[str, Mapping[str, Any]]) -> list[StageSpec]:
         if after.start_epoch <= before.start_epoch:
             raise ConfigError(
                 f"schedule.stages.{after.name}.start_epoch={after.start_epoch}: must be later than "
-                f"schedule.stages.{before.name}.start_epoch={before.start_epoch} (every stage trains at least one epoch)"
+                f"schedule.stages.{before.name}.start_epoch={before.start_epoch} "
+                "(every stage trains at least one epoch)"
             )
     return specs
 

@@ -63,12 +63,20 @@ def run_training(output_dir: Path, overrides: list[str]) -> dict[str, Any]:
     return load_train_module().train(compose_config(output_dir, overrides))
 
 
-def run_script(args: list[str], timeout: float = 300, cwd: Path = ROOT, **popen) -> subprocess.CompletedProcess:
-    """``python train.py ARGS`` with this folder importable (for probe callbacks)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
-           "WANDB_SILENT": "true"}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, **popen)
+def script_env() -> dict[str, str]:
+    """Environment of ``train.py`` subprocesses: this folder importable (probe callbacks), one thread.
+
+    One intra-op thread per process: the tiny model gains nothing from more, and OpenMP threads
+    that wait for each other on a busy 2-core machine make every small op ten times slower.
+    """
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+            "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+
+
+def run_script(args: list[str], timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` (see :func:`script_env`)."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=script_env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,14 +18,23 @@ import pytest
 import torch
 from PIL import Image
 
-from _training import (ROOT, TESTS_DIR, TINY, compose_config, load_train_module, probe_overrides, run_script,
-                       run_training, schedule)
+from _training import (ROOT, TINY, compose_config, load_train_module, probe_overrides, run_script, run_training,
+                       schedule, script_env)
 from callbacks import STAGE_CHECKPOINT_NAMES, NonFiniteLossError, read_finished_stages
 from streamlic.config import ConfigError
 from streamlic.data import DataError
 from streamlic.model import STAGES, StreamLIC
 
 FIVE_STAGES = schedule(aun=3, aun_lr=1e-3)  # stage 1 long enough to learn; one epoch for each later stage
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread, as in the subprocesses (see ``_training.script_env``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _checkpoint(path: Path) -> dict:
@@ -89,7 +97,8 @@ def test_metrics_are_logged_per_split_with_group_lasso_only_before_masks(five_st
     lasso_stages = {float(r["train/stage"]) for r in rows if r.get("train/group_lasso") and r.get("train/stage")}
     assert lasso_stages == {1.0}, "the group-lasso term must be trained in stage 1 only"
     lrs = {float(r["train/stage"]): float(r["train/lr"]) for r in rows if r.get("train/lr")}
-    assert lrs == pytest.approx({1.0: 1e-3, 2.0: 1e-4, 3.0: 5e-5, 4.0: 2e-5, 5.0: 1e-3}, rel=1e-6)  # the schedule's rates
+    # the schedule's rates, one per stage
+    assert lrs == pytest.approx({1.0: 1e-3, 2.0: 1e-4, 3.0: 5e-5, 4.0: 2e-5, 5.0: 1e-3}, rel=1e-6)
 
 
 @pytest.mark.slow
@@ -144,9 +153,8 @@ def test_sigkill_mid_epoch_then_resume_finishes(tmp_path):
     out = tmp_path / "run"
     args = [*TINY, *schedule(), "data.repeat=2", "test=false", "checkpoint.every_n_train_steps=1",
             f"hydra.run.dir={out}", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false"]
-    env = {**os.environ, "PYTHONPATH": str(TESTS_DIR)}
     steps_per_epoch = 5  # 10 crops, batch 2
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=script_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last, killed_at = out / "checkpoints" / "last.ckpt", None
     try:
@@ -338,7 +346,8 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
     assert "global step 4" in results["message"] and "last good checkpoint" in results["message"]
     last = _checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 4  # nothing saved after the bad step
-    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if torch.is_tensor(v) and v.is_floating_point())
+    floats = [v for v in last["state_dict"].values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert all(torch.isfinite(v).all() for v in floats)
 
 
 def test_non_finite_guard_raises_before_the_step():
