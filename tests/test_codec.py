@@ -103,6 +103,15 @@ def test_file_size_matches_the_rate_the_stage5_model_trains_on(models, codecs):
         assert -4 <= overhead <= 24, (name, overhead)
 
 
+def test_an_export_directory_codes_like_its_checkpoint(models, codecs, photo_file, tmp_path):
+    from streamlic.export import export_package
+
+    export_package(models["pdf"], tmp_path / "export")
+    data = bytes_from(codecs["pdf"], photo_file)
+    assert codec.compress_image(tmp_path / "export", photo_file) == data
+    assert torch.equal(codec.decompress_bytes(tmp_path / "export", data), codecs["pdf"].decode(data))
+
+
 # ---------------------------------------------------------------------------- damaged input
 
 def test_damaged_files_give_clear_errors_before_decoding(codecs, photo_file):
