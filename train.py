@@ -94,7 +94,7 @@ def check_launcher(cfg: DictConfig) -> None:
         return
     strategy = cfg.trainer.get("strategy")
     start_method = strategy.get("start_method", "popen") if isinstance(strategy, DictConfig) else str(strategy)
-    if start_method == "popen" or start_method in ("ddp", "ddp_find_unused_parameters_true"):
+    if start_method in ("popen", "ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false"):
         raise ConfigError(
             "trainer.strategy: DDP with start_method=popen cannot run inside a local multirun (every rank would "
             "restart the sweep); sweep with the SLURM launcher (hydra/launcher=slurm) or run the DDP jobs one by one"
