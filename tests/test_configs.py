@@ -107,3 +107,17 @@ def test_config_breaking_a_constraint_fails_before_training(tmp_path, override, 
         load_train_module().train(cfg)
     assert key in str(error.value)
     assert not out.exists()  # nothing was written: no trainer, no logger, no checkpoint
+
+
+def test_ddp_popen_inside_a_local_multirun_is_refused(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, read_write
+
+    cfg = compose_config(tmp_path, [*TINY, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"])
+    with read_write(cfg.hydra):
+        OmegaConf.update(cfg, "hydra.mode", RunMode.MULTIRUN)
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(ConfigError, match="trainer.strategy.*multirun"):
+        load_train_module().train(cfg)
+    assert not (tmp_path / "checkpoints").exists()
