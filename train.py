@@ -50,8 +50,8 @@ def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
 
 
 def build_model(cfg: DictConfig) -> StreamLIC:
-    """The network of ``cfg.model``; every hardware/model/sparsity constraint is checked here."""
-    return _instantiate(cfg.model, _convert_="all")
+    """The network of ``cfg.net``; every hardware/model/sparsity constraint is checked here."""
+    return _instantiate(cfg.net, _convert_="all")
 
 
 def load_init_checkpoint(model: StreamLIC, path: str | Path) -> str:

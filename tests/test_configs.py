@@ -30,8 +30,8 @@ def test_default_config_is_the_demo_run(tmp_path):
     cfg = compose_config(tmp_path, [])
     assert cfg.data.source == "demo" and cfg.trainer.accelerator == "cpu"
     assert cfg.logger.wandb.offline is True  # no account needed
-    assert dict(cfg.model.model) == {"c1": 48, "c2": 96, "c3": 192, "M": 192, "N": 96}
-    assert cfg.model.hardware.name == "w12a12" and cfg.init_from is None and cfg.ckpt_path is None
+    assert dict(cfg.model) == {"c1": 48, "c2": 96, "c3": 192, "M": 192, "N": 96}
+    assert cfg.net.hardware.name == "w12a12" and cfg.init_from is None and cfg.ckpt_path is None
     assert cfg.trainer.max_epochs == cfg.schedule.max_epochs
 
 
@@ -90,7 +90,7 @@ def test_slurm_launcher_config_composes(tmp_path):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("model.model.M=20", "model.M=20"),                       # not a multiple of the 12-channel blocks
+    ("model.M=20", "model.M=20"),                       # not a multiple of the 12-channel blocks
     ("hardware.block_in=10", "hardware.block_in=10"),
     ("hardware.activation_bits=6", "hardware.activation_bits=6"),
     ("hardware.precision_bits=12", "hardware.precision_bits=12"),
