@@ -4,8 +4,8 @@
 
 Each (batch, size) setting runs in a fresh process so its peak memory is its own. The step is
 forward + rate-distortion loss + backward + Adam step, on crops of a real demo photo.
-The functions take any model with the StreamLIC stage API, so another implementation can be
-timed side by side with :func:`time_stages`.
+The functions take any model with StreamLIC's stage API (``enter_stage``), so another
+implementation can be timed side by side with :func:`time_stages`.
 """
 
 from __future__ import annotations
@@ -17,21 +17,9 @@ import time
 
 import torch
 
-STAGES = ("aun", "mask", "qat", "fix_encoder", "pdf")
+from streamlic.model import STAGES
+
 SETTINGS = ((8, 256), (4, 128))
-
-
-def enter_stage(model, stage: str) -> None:
-    if stage == "mask":
-        model.set_all_mask()
-        model.toggle_mask(True)
-    elif stage == "qat":
-        model.toggle_quantization(True)
-    elif stage == "fix_encoder":
-        model.fix_encoder_flag(True)
-    elif stage == "pdf":
-        model.init_pdf_table()
-        model.toggle_pdf_training_flag(True)
 
 
 def photo_batch(batch: int, size: int, device: str) -> torch.Tensor:
@@ -61,7 +49,7 @@ def time_stages(model, x: torch.Tensor, steps: int, warmup: int = 1) -> dict[str
     pixels = x.shape[0] * x.shape[2] * x.shape[3]
     result = {}
     for stage in STAGES:
-        enter_stage(model, stage)
+        model.enter_stage(stage)
         for i in range(warmup + steps):
             if i == warmup:
                 _sync(device)

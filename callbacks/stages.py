@@ -189,20 +189,12 @@ class StageSchedule(Callback):
         """Apply one stage's transition (DESIGN §5); every call is idempotent."""
         log.info("%sentering stage %d (%s)", "" if epoch is None else f"schedule epoch {epoch}: ",
                  STAGES.index(stage) + 1, stage)
-        if stage == "mask":
-            if not model.masks_set and average_sparse_statistics(model):
-                log.info("sparse-layer input statistics averaged over all ranks before the masks are cut")
-            model.set_all_mask()
-            model.toggle_mask(True)
-        elif stage == "qat":
-            if not model.scales_frozen and max_activation_ranges(model):
-                log.info("activation ranges max-reduced over all ranks before the scales freeze")
-            model.toggle_quantization(True)
-        elif stage == "fix_encoder":
-            model.fix_encoder_flag(True)
-        elif stage == "pdf":
-            model.init_pdf_table()
-            model.toggle_pdf_training_flag(True)
+        # ranks must agree on what the masks and frozen scales are computed from
+        if stage == "mask" and not model.masks_set and average_sparse_statistics(model):
+            log.info("sparse-layer input statistics averaged over all ranks before the masks are cut")
+        if stage == "qat" and not model.scales_frozen and max_activation_ranges(model):
+            log.info("activation ranges max-reduced over all ranks before the scales freeze")
+        model.enter_stage(stage)
 
     def finish_stage(self, trainer: L.Trainer, pl_module: L.LightningModule, index: int, epoch: int) -> None:
         name = STAGES[index]

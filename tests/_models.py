@@ -14,6 +14,7 @@ import torch
 
 from streamlic import W8A8, W12A12, StreamLIC
 from streamlic.data import demo_images
+from streamlic.model import STAGES
 
 TINY_MODEL = {"c1": 12, "c2": 12, "c3": 24, "M": 24, "N": 12}
 # half of the blocks: ctx1 keeps 9 of 18 per output group, ctx2 and ep 6 of 12
@@ -21,7 +22,7 @@ TINY_SPARSITY = {"density": 0.5}
 LATENT_GAIN = 100.0
 HYPER_GAIN = 8.0
 HARDWARE = {"w12a12": W12A12, "w8a8": W8A8}
-STAGE_ORDER = ("aun", "mask", "qat", "fix_encoder", "pdf")
+STAGE_ORDER = STAGES
 LAMBDA = 0.01  # rate-distortion trade-off of the test training loss (MSE on [0, 255] pixels)
 CROP = 64
 
@@ -68,26 +69,15 @@ def train_steps(model: StreamLIC, steps: int, lr: float = 1e-3, seed: int = 0) -
     model.eval()
 
 
+# optimizer steps and learning rate in each stage
+STAGE_TRAINING = {"aun": (12, 1e-3), "mask": (3, 1e-3), "qat": (3, 1e-4), "fix_encoder": (2, 1e-4), "pdf": (2, 1e-2)}
+
+
 def _advance(model: StreamLIC, stage: str, seed: int) -> None:
     """Enter ``stage`` from the stage before it and train a few steps there."""
-    if stage == "aun":
-        train_steps(model, 12, seed=seed)
-    elif stage == "mask":
-        model.set_all_mask()
-        model.toggle_mask(True)
-        train_steps(model, 3, seed=seed)
-    elif stage == "qat":
-        model.toggle_quantization(True)
-        train_steps(model, 3, lr=1e-4, seed=seed)
-    elif stage == "fix_encoder":
-        model.fix_encoder_flag(True)
-        train_steps(model, 2, lr=1e-4, seed=seed)
-    elif stage == "pdf":
-        model.init_pdf_table()
-        model.toggle_pdf_training_flag(True)
-        train_steps(model, 2, lr=1e-2, seed=seed)
-    else:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGE_ORDER}")
+    model.enter_stage(stage)
+    steps, lr = STAGE_TRAINING[stage]
+    train_steps(model, steps, lr=lr, seed=seed)
 
 
 @functools.lru_cache(maxsize=None)

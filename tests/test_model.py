@@ -44,19 +44,6 @@ def train_steps(model, x, steps, lr=1e-3):
     return loss.item()
 
 
-def enter_stage(model, stage):
-    if stage == "mask":
-        model.set_all_mask()
-        model.toggle_mask(True)
-    elif stage == "qat":
-        model.toggle_quantization(True)
-    elif stage == "fix_encoder":
-        model.fix_encoder_flag(True)
-    elif stage == "pdf":
-        model.init_pdf_table()
-        model.toggle_pdf_training_flag(True)
-
-
 STAGE_ORDER = ["aun", "mask", "qat", "fix_encoder", "pdf"]
 
 
@@ -71,7 +58,7 @@ def trained_through(hw, photos, last_stage, steps=3):
     torch.manual_seed(0)
     model = StreamLIC(model=TINY, hardware=hw, sparsity=SPARSE)
     for stage in STAGE_ORDER[: STAGE_ORDER.index(last_stage) + 1]:
-        enter_stage(model, stage)
+        model.enter_stage(stage)
         train_steps(model, photos, steps)
     return model
 
@@ -93,7 +80,7 @@ def test_every_stage_trains_exactly_its_parameters(hw, photos):
     model = StreamLIC(model=TINY, hardware=hw, sparsity=SPARSE)
     model.train()
     for stage in STAGE_ORDER:
-        enter_stage(model, stage)
+        model.enter_stage(stage)
         assert model.stage == stage
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         loss = train_steps(model, photos, 2)
@@ -115,7 +102,7 @@ def test_stage_is_restored_from_the_state_dict_bit_identically(photos):
     torch.manual_seed(0)
     model = StreamLIC(model=TINY, sparsity=SPARSE)
     for stage in STAGE_ORDER:
-        enter_stage(model, stage)
+        model.enter_stage(stage)
         train_steps(model, photos, 2)
         saved = state_bytes(model)
         fresh = StreamLIC(model=TINY, sparsity=SPARSE)

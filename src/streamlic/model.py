@@ -135,6 +135,21 @@ class StreamLIC(CompressionModel):
             return "mask"
         return "aun"
 
+    def enter_stage(self, stage: str) -> None:
+        """Apply the transition into ``stage`` (the calls of DESIGN §5); re-entering changes nothing."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        if stage == "mask":
+            self.set_all_mask()
+            self.toggle_mask(True)
+        elif stage == "qat":
+            self.toggle_quantization(True)
+        elif stage == "fix_encoder":
+            self.fix_encoder_flag(True)
+        elif stage == "pdf":
+            self.init_pdf_table()
+            self.toggle_pdf_training_flag(True)
+
     def toggle_quantization(self, flag: bool = True) -> None:
         """Switch fake-quant on (freezing weight/activation scales the first time) or off."""
         if flag and not self.scales_frozen:
