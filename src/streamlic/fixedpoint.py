@@ -103,18 +103,21 @@ def requantize(acc: Tensor, m: Tensor, k: Tensor, bias: Tensor | None, hw: Hardw
     """
     lo = -hw.act_max if lo is None else lo
     hi = hw.act_max if hi is None else hi
+    half = 1 << (hw.residual_bits - 1)
+    # the same steps in place on one fresh tensor (a third faster on large maps)
     if not acc.is_floating_point():
-        # integer model: the same steps in place on one fresh tensor (a third faster on large maps)
-        half = 1 << (hw.residual_bits - 1)
         v = acc * m
         v >>= k
         v += half if bias is None else bias + half
         v >>= hw.residual_bits
         return v.clamp_(lo, hi)
-    v = shift_floor(acc * m, k)
-    if bias is not None:
-        v = v + bias
-    return torch.clamp(rshift_round(v, hw.residual_bits), lo, hi)
+    # m * 2**-k only moves m's exponent, so acc * (m * 2**-k) rounds exactly like (acc * m) * 2**-k
+    v = acc * torch.ldexp(m, -k)
+    v.floor_()
+    v += half if bias is None else bias + half
+    v *= 2.0**-hw.residual_bits
+    v.floor_()
+    return v.clamp_(lo, hi)
 
 
 def quantize_bias(bias: Tensor, out_scale: Tensor | float, hw: HardwareConfig, rounding=torch.round) -> Tensor:
