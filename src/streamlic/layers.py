@@ -81,7 +81,9 @@ class _RequantizeSTE(torch.autograd.Function):
 
 def requantize_ste(acc: Tensor, bias: Tensor, m: Tensor, k: Tensor, lo, hi, hw: HardwareConfig) -> Tensor:
     """Integer output of a convolution (``bias``, ``m``, ``k`` shaped [1, C, 1, 1]), straight-through."""
-    return _RequantizeSTE.apply(acc, bias, m, k, lo, hi, hw)
+    if torch.is_grad_enabled() and (acc.requires_grad or bias.requires_grad):
+        return _RequantizeSTE.apply(acc, bias, m, k, lo, hi, hw)
+    return fxp.requantize(acc, m, k, bias, hw, lo, hi)
 
 
 def straight_through(surrogate: Tensor, exact: Tensor) -> Tensor:
@@ -478,17 +480,18 @@ class LAGC(QuantLayer):
         # affine conv to the tanh input scale
         m_a, k_a = _per_channel(self.affine_m).to(dtype), _per_channel(self.affine_k).to(dtype)
         a = requantize_ste(acc, _per_channel(b_a).to(dtype), m_a, k_a, -hw.act_max, hw.act_max, hw)
-        # tanh look-up
-        t_exact = fxp.tanh_lookup(a.detach(), self.tanh_lut)
-        t = straight_through(torch.tanh(a * self.tanh_in_scale) / self.tanh_out_scale, t_exact)
-        # per-channel gain; its multiplier follows the trained gamma
         m_g, k_g = _per_channel(m_g).to(dtype), _per_channel(k_g).to(dtype)
+        m_o, k_o = _per_channel(self.out_m).to(dtype), _per_channel(self.out_k).to(dtype)
+        # exact integers: tanh look-up, per-channel gain, output multiply with a floor shift
+        t_exact = fxp.tanh_lookup(a.detach(), self.tanh_lut)
         g_exact = fxp.lagc_gain(t_exact, m_g, k_g, _per_channel(b_g.detach()).to(dtype), hw)
+        out_exact = fxp.lagc_output(q_in.detach(), g_exact, m_o, k_o, hw)
+        if not (torch.is_grad_enabled() and (a.requires_grad or gain_factor.requires_grad)):
+            return out_exact * self.out_scale  # frozen or evaluated: no surrogate needed
+        # straight-through gradients; the gain multiplier follows the trained gamma
+        t = straight_through(torch.tanh(a * self.tanh_in_scale) / self.tanh_out_scale, t_exact)
         g_sur = torch.clamp((t * _per_channel(gain_factor) + _per_channel(b_g)) * r_scale, -hw.act_max, hw.act_max)
         g = straight_through(g_sur, g_exact)
-        # output multiply with a floor shift
-        m_o, k_o = _per_channel(self.out_m).to(dtype), _per_channel(self.out_k).to(dtype)
-        out_exact = fxp.lagc_output(q_in.detach(), g_exact, m_o, k_o, hw)
         out_sur = torch.clamp(q_in * g * torch.ldexp(m_o, -k_o), -hw.act_max, hw.act_max)
         return straight_through(out_sur, out_exact) * self.out_scale
 
