@@ -40,7 +40,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_stages(model, x: torch.Tensor, steps: int, warmup: int = 1) -> dict[str, float]:
+def time_stages(model, x: torch.Tensor, steps: int, warmup: int = 2) -> dict[str, float]:
     """Milliseconds per optimizer step in each stage (the model enters the stages in order)."""
     device = x.device.type
     model.train()
