@@ -12,8 +12,7 @@ from compressai.models import CompressionModel
 from torch import Tensor, nn
 
 from . import fixedpoint as fxp
-from .config import (HardwareConfig, ModelConfig, SparsityConfig, hardware_config, model_config,
-                     sparsity_config)
+from .config import ModelConfig, hardware_config, model_config, sparsity_config
 from .entropy import RectifiedPDF, bottleneck_pmf_table, gaussian_pmf_table
 from .layers import (LAGC, ChannelAddition, FGPConv2d, QConv2d, QLeakyReLU, QuantLayer, QUpsampleConv2d,
                      straight_through)
