@@ -134,6 +134,7 @@ def weight_scale(weight_absmax: Tensor, hw: HardwareConfig) -> Tensor:
 
 
 def activation_scale(running_max: Tensor, hw: HardwareConfig) -> Tensor:
+    """Learned activation scale: the running max of ``|out|`` over ``2**(A-1) - 1``."""
     return running_max / hw.act_max
 
 
@@ -204,9 +205,13 @@ def quantize_image(x: Tensor, hw: HardwareConfig) -> Tensor:
     return torch.floor(x * (2 * hw.image_max) + 0.5) - hw.image_max
 
 
-def clamp_latent(y_q: Tensor, hw: HardwareConfig) -> Tensor:
+def latent_bound(hw: HardwareConfig) -> int:
     """Latent ``y`` at scale ``2**-(A-8)`` keeps the 8-bit symbol range: +-127 * 2**(A-8)."""
-    return clamp_symmetric(y_q, SYMBOL_MAX * 2**hw.latent_shift)
+    return SYMBOL_MAX * 2**hw.latent_shift
+
+
+def clamp_latent(y_q: Tensor, hw: HardwareConfig) -> Tensor:
+    return clamp_symmetric(y_q, latent_bound(hw))
 
 
 def hyper_symbols(z_q: Tensor, hw: HardwareConfig) -> Tensor:

@@ -351,7 +351,6 @@ class IntegerModel:
     def _build_layers(self) -> None:
         hw = self.hw
         act = hw.act_max
-        latent_bound = fxp.SYMBOL_MAX * 2**hw.latent_shift
         in_bounds = {"g_a.0": hw.image_max, "h_s.0.conv": fxp.SYMBOL_MAX}
         self.layers: dict[str, Callable[[Tensor], Tensor]] = {}
         for name, kind, stride, padding in ANALYSIS + HYPER_ANALYSIS + HYPER_SYNTHESIS + SYNTHESIS:
@@ -363,7 +362,7 @@ class IntegerModel:
                 self.layers[name] = _UpsampleConv(name, self._layer_params(name, CONV_KEYS), hw,
                                                   in_bounds.get(name, act))
             else:
-                bound = latent_bound if kind == "latent" else None
+                bound = fxp.latent_bound(hw) if kind == "latent" else None
                 self.layers[name] = _Conv(name, self._layer_params(name, CONV_KEYS), hw, in_bounds.get(name, act),
                                           stride, padding, None if bound is None else -bound, bound)
         self.output_scale = float(self._layer_params(SYNTHESIS[-1][0], FLOAT_KEYS)["float_output_scale"])

@@ -106,9 +106,14 @@ def _unrounded(x: Tensor) -> Tensor:
     return x
 
 
+def weight_scale_of(absmax: Tensor, hw: HardwareConfig) -> Tensor:
+    """Per-channel weight scale of a captured ``max|w_c|`` (an all-zero channel gets a tiny scale)."""
+    return fxp.weight_scale(torch.clamp(absmax, min=SCALE_FLOOR), hw)
+
+
 def weight_quotient(w: Tensor, absmax: Tensor, hw: HardwareConfig) -> Tensor:
     """``clamp(w, +-max|w_c|) / s_w`` for weights [C, ...] and per-channel ``absmax`` [C, 1, 1, 1]."""
-    return torch.clamp(w, -absmax, absmax) / fxp.weight_scale(torch.clamp(absmax, min=SCALE_FLOOR), hw)
+    return torch.clamp(w, -absmax, absmax) / weight_scale_of(absmax, hw)
 
 
 def _per_channel(t: Tensor) -> Tensor:
@@ -160,7 +165,7 @@ class QuantLayer(nn.Module):
         """Output scale for the running max ``act_absmax`` (in its dtype)."""
         if self.fixed_scale is not None:
             return act_absmax.new_tensor(self.fixed_scale)
-        return torch.clamp(act_absmax, min=SCALE_FLOOR * self.hw.act_max) / self.hw.act_max
+        return fxp.activation_scale(torch.clamp(act_absmax, min=SCALE_FLOOR * self.hw.act_max), self.hw)
 
     @torch.no_grad()
     def track_range(self, out: Tensor) -> None:
@@ -238,7 +243,7 @@ class QConv2d(QuantLayer):
         return self.weight
 
     def weight_scale(self) -> Tensor:
-        return fxp.weight_scale(torch.clamp(self.weight_absmax, min=SCALE_FLOOR), self.hw)
+        return weight_scale_of(self.weight_absmax, self.hw)
 
     def _integer_weight_surrogate(self) -> Tensor:
         """``q_w = round(clamp(w, +-max|w_c|) / s_w)`` (formed in float64) with a straight-through gradient."""
@@ -365,8 +370,7 @@ class ChannelAddition(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = x.chunk(2, dim=1)
-        bound = self.hw.act_max * self.scale
-        return torch.clamp(a + b, -bound, bound)
+        return fxp.channel_add(a / self.scale, b / self.scale, self.hw) * self.scale
 
 
 class LAGC(QuantLayer):
@@ -406,7 +410,7 @@ class LAGC(QuantLayer):
         gamma, beta = self._gamma_beta()
         self.affine_absmax.copy_(self.affine.weight.detach().abs().amax(dim=(1, 2, 3)))
         self.gain_scale.copy_(fxp.lagc_gain_scale(gamma.detach(), beta.detach(), hw))
-        s_wa = fxp.weight_scale(torch.clamp(self.affine_absmax, min=SCALE_FLOOR), hw)
+        s_wa = weight_scale_of(self.affine_absmax, hw)
         affine_factor = (2.0**hw.residual_bits) * self.in_scale * s_wa / self.tanh_in_scale
         m, k = fxp.to_multiplier(affine_factor.double(), hw, f"{self.layer_name}.affine")
         self.affine_m.copy_(m)
@@ -521,6 +525,8 @@ class FGPConv2d(QConv2d):
         self.register_buffer("in_mean", torch.zeros(in_channels))
         self.register_buffer("in_sqmean", torch.ones(in_channels))
         self.register_buffer("stats_momentum", torch.tensor(STATS_MOMENTUM_START))
+        # in pdf-index mode the odd output channels carry the scale index
+        self.register_buffer("odd_channels", torch.arange(out_channels) % 2 == 1, persistent=False)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_num={self.group_num}, pdf_index={self.pdf_index}"
@@ -583,28 +589,23 @@ class FGPConv2d(QConv2d):
         return torch.where(norms < threshold, norms, torch.zeros_like(norms)).sum()
 
     # -- quantization -------------------------------------------------------------------------
-    def _odd(self) -> Tensor:
-        odd = torch.zeros(self.out_channels, dtype=torch.bool, device=self.bias.device)
-        odd[1::2] = True
-        return odd
-
     def _requant_factor(self) -> Tensor:
         factor = super()._requant_factor()
         if not self.pdf_index:
             return factor
-        return torch.where(self._odd(), fxp.scale_index_factor(factor, self.out_scale), factor)
+        return torch.where(self.odd_channels, fxp.scale_index_factor(factor, self.out_scale), factor)
 
     def _bias_integer(self) -> Tensor:
         b_q = super()._bias_integer()
         if not self.pdf_index:
             return b_q
         index_bias = round_in_float64(lambda b: fxp.scale_index_bias(b, self.hw, rounding=_unrounded), self.bias)
-        return torch.where(self._odd(), index_bias, b_q)
+        return torch.where(self.odd_channels, index_bias, b_q)
 
     def _output_bounds(self):
         if not self.pdf_index:
             return super()._output_bounds()
-        odd = _per_channel(self._odd())
+        odd = _per_channel(self.odd_channels)
         lo = torch.where(odd, 0.0, -float(self.out_bound))
         hi = torch.where(odd, float(fxp.SCALE_LEVELS - 1), float(self.out_bound))
         return lo, hi
@@ -613,7 +614,7 @@ class FGPConv2d(QConv2d):
         if not self.pdf_index:
             return self.out_scale
         # odd channels carry the scale index itself (one step = 1)
-        return _per_channel(torch.where(self._odd(), torch.ones_like(self.bias), self.out_scale))
+        return _per_channel(torch.where(self.odd_channels, torch.ones_like(self.bias), self.out_scale))
 
     def integer_params(self) -> dict[str, Tensor]:
         params = super().integer_params()

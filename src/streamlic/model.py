@@ -44,13 +44,12 @@ class StreamLIC(CompressionModel):
         self.model_cfg, self.hw, self.sparsity_cfg = mcfg, hw, sp
         c1, c2, c3, M, N = mcfg.c1, mcfg.c2, mcfg.c3, mcfg.M, mcfg.N
         ls = hw.latent_scale
-        latent_bound = fxp.SYMBOL_MAX * 2**hw.latent_shift
 
         self.g_a = nn.Sequential(
             QConv2d(3, c1, 4, 2, 1, hw=hw), LAGC(c1, hw),
             QConv2d(c1, c2, 4, 2, 1, hw=hw), LAGC(c2, hw),
             QConv2d(c2, c3, 4, 2, 1, hw=hw), LAGC(c3, hw),
-            QConv2d(c3, M, 4, 2, 1, hw=hw, fixed_scale=ls, out_bound=latent_bound),
+            QConv2d(c3, M, 4, 2, 1, hw=hw, fixed_scale=ls, out_bound=fxp.latent_bound(hw)),
         )
         # the causal top padding is what the streaming hardware computes
         self.h_a = nn.Sequential(
