@@ -272,23 +272,19 @@ def _layer_table(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, heigh
         rows.append({"layer": name, "kind": kind, "in_channels": in_c, "out_channels": out_c, "kernel": [kh, kw],
                      "positions": positions, "input_bound": in_bound})
 
-    h, w = height, width
-    for name, kind, stride, padding in ANALYSIS:
-        if kind == "lagc":
-            add(name, "lagc", h * w, hw.act_max)
-        else:
-            k = params[name]["weight"].shape[-1]
-            h, w = conv_out(h, k, stride, padding), conv_out(w, k, stride, padding)
-            add(name, "conv", h * w, hw.image_max if name == ANALYSIS[0][0] else hw.act_max)
-    latent_h, latent_w = h, w
-    h, w = h + 2, w + 2  # causal padding (1, 1, 2, 0) of h_a
-    for name, kind, stride, padding in HYPER_ANALYSIS:
-        if kind == "lagc":
-            add(name, "lagc", h * w, hw.act_max)
-        else:
-            k = params[name]["weight"].shape[-1]
-            h, w = conv_out(h, k, stride, padding), conv_out(w, k, stride, padding)
-            add(name, "conv", h * w, hw.act_max)
+    def downsampling(spec, h: int, w: int, first_bound: int) -> tuple[int, int]:
+        for name, kind, stride, padding in spec:
+            if kind == "lagc":
+                add(name, "lagc", h * w, hw.act_max)
+            else:
+                k = params[name]["weight"].shape[-1]
+                h, w = conv_out(h, k, stride, padding), conv_out(w, k, stride, padding)
+                add(name, "conv", h * w, first_bound if name == spec[0][0] else hw.act_max)
+        return h, w
+
+    latent_h, latent_w = downsampling(ANALYSIS, height, width, hw.image_max)
+    # h_a reads the latent with its causal padding (1, 1, 2, 0)
+    h, w = downsampling(HYPER_ANALYSIS, latent_h + 2, latent_w + 2, hw.act_max)
     for spec, (h, w) in ((HYPER_SYNTHESIS, (h, w)), (SYNTHESIS, (latent_h, latent_w))):
         for name, kind, _, _ in spec:
             if kind == "upsample":  # the 2x2 conv runs on the input padded by 1: (h + 1) x (w + 1) positions
