@@ -129,7 +129,39 @@ def test_pt_and_npz_hold_the_exported_integers(qat_model, package):
         assert np.array_equal(arrays["tables/cdf_y"], IntegerModel.from_model(qat_model).cdf_y.numpy())
     assert set(params["entropy_parameters.2"]) == {"weight", "bias", "scale_param", "scale_shift", "mask",
                                                   "float_input_scale", "float_output_scale"}
-    assert {"affine_weight", "gain_bias", "output_scale_shift"} <= set(params["g_a.1"])
+    assert {"affine_weight", "score_bias", "output_scale_shift"} <= set(params["g_a.1"])
+
+
+# The research code's parameter dict, as DESIGN §6 lists it (written out here, not taken from the exporter).
+RESEARCH_CONV_FIELDS = {"weight", "bias", "scale_param", "scale_shift", "float_output_scale"}
+RESEARCH_LAGC_FIELDS = {"affine_weight", "affine_bias", "affine_scale_param", "affine_scale_shift",
+                        "score_scale_param", "score_scale_shift", "score_bias", "output_scale_param",
+                        "output_scale_shift"}
+RESEARCH_LAYERS = {
+    **{f"g_a.{i}": RESEARCH_LAGC_FIELDS if i % 2 else RESEARCH_CONV_FIELDS for i in range(7)},
+    "h_a.1": RESEARCH_CONV_FIELDS, "h_a.2": RESEARCH_LAGC_FIELDS, "h_a.3": RESEARCH_CONV_FIELDS,
+    "h_s.0": RESEARCH_CONV_FIELDS, "h_s.2": RESEARCH_CONV_FIELDS,
+    **{f"g_s.{i}": RESEARCH_LAGC_FIELDS if i % 2 else RESEARCH_CONV_FIELDS for i in range(7)},
+    "context_prediction.1": RESEARCH_CONV_FIELDS | {"mask"}, "context_prediction.3": RESEARCH_CONV_FIELDS | {"mask"},
+    "entropy_parameters.2": RESEARCH_CONV_FIELDS | {"mask"},
+}
+
+
+def test_params_pt_is_the_research_codes_parameter_dict(package):
+    directory, _, _ = package
+    saved = torch.load(directory / "params.pt")
+    assert set(saved) == set(RESEARCH_LAYERS)
+    for layer, fields in RESEARCH_LAYERS.items():
+        assert fields <= set(saved[layer]), (layer, fields - set(saved[layer]))
+        for key, value in saved[layer].items():
+            if key.startswith("float_"):
+                assert value.is_floating_point() and value.numel() == 1, (layer, key)
+            else:
+                # the authors' scripts compute in int64 from int32 tensors, as the research code writes them
+                assert value.dtype == torch.int32, (layer, key, value.dtype)
+    # the upsample convolutions keep their 2x2 kernels at 4 * C_out channels; LAGC has one gain per channel
+    assert tuple(saved["h_s.0"]["weight"].shape) == (4 * 24, 12, 2, 2)
+    assert saved["g_s.1"]["score_bias"].shape == saved["g_s.1"]["output_scale_param"].shape == (24,)
 
 
 def test_golden_vectors_are_the_integer_models_tensors_in_hwc_order(qat_model, package):
@@ -189,7 +221,7 @@ def test_c_header_compiles_and_holds_the_integers(qat_model, package, tmp_path):
         "int main(void) {\n"
         '  printf("%d %d %d %u %u %d %d\\n", STREAMLIC_ACT_BITS, STREAMLIC_M, STREAMLIC_G_A_0_WEIGHT[5],\n'
         "         STREAMLIC_ENTROPY_PARAMETERS_2_SCALE_PARAM[1], STREAMLIC_CDF_Y[3 * 258 + 129],\n"
-        "         STREAMLIC_G_S_3_GAIN_BIAS[2], STREAMLIC_CONTEXT_PREDICTION_0_WEIGHT_LEN);\n"
+        "         STREAMLIC_G_S_3_SCORE_BIAS[2], STREAMLIC_CONTEXT_PREDICTION_1_WEIGHT_LEN);\n"
         "  return 0;\n}\n")
     binary = tmp_path / "check"
     subprocess.run([compiler, "-std=c99", "-Wall", "-Werror", "-Wno-unused-const-variable", "-o", str(binary),
@@ -198,7 +230,7 @@ def test_c_header_compiles_and_holds_the_integers(qat_model, package, tmp_path):
     cdf_y = IntegerModel.from_model(qat_model).cdf_y
     assert printed == [12, 24, int(params["g_a.0"]["weight"].reshape(-1)[5]),
                        int(params["entropy_parameters.2"]["scale_param"][1]), int(cdf_y[3, 129]),
-                       int(params["g_s.3"]["gain_bias"][2]), params["context_prediction.0"]["weight"].numel()]
+                       int(params["g_s.3"]["score_bias"][2]), params["context_prediction.1"]["weight"].numel()]
 
 
 # ---------------------------------------------------------------------------- HLS streams
@@ -206,7 +238,7 @@ def test_c_header_compiles_and_holds_the_integers(qat_model, package, tmp_path):
 def test_hls_streams_follow_the_documented_layout(hand_model, tmp_path):
     export_package(hand_model, tmp_path)
     params = hand_model.export_quantized_parameters()
-    layers = {"ctx1": "context_prediction.0", "ctx2": "context_prediction.2", "ep": "entropy_parameters.2"}
+    layers = {"ctx1": "context_prediction.1", "ctx2": "context_prediction.3", "ep": "entropy_parameters.2"}
     blocks_per_group = {"ctx1": 9, "ctx2": 6, "ep": 6}
     out_groups = 4
     # sizes: 48 output channels per layer; 12 x 12 weights per block; one pair per block; 128 bound pairs
@@ -215,13 +247,15 @@ def test_hls_streams_follow_the_documented_layout(hand_model, tmp_path):
     assert len(scale_params) == len(shifts) == 3 * 48
     assert len(weights) == sum(out_groups * n * PO * PI for n in blocks_per_group.values())
     assert len(biases) == 3 * 48 + sum(2 * out_groups * n for n in blocks_per_group.values()) + 2 * 128
-    w_at = b_at = 0
+    # biases.txt, DESIGN §6: (1) all biases: ctx1's, ctx2's, ep's; (2) all block pointers in the
+    # same layer order; (3) the 128 symbol bound pairs. The kernel's loader reads exactly this.
+    all_biases = [v for name in layers.values() for v in params[name]["bias"].tolist()]
+    assert biases[:3 * 48] == all_biases
+    w_at, b_at = 0, 3 * 48
     for index, (short, name) in enumerate(layers.items()):
         p = params[name]
         assert scale_params[48 * index:48 * (index + 1)] == p["scale_param"].tolist()
         assert shifts[48 * index:48 * (index + 1)] == p["scale_shift"].tolist()
-        assert biases[b_at:b_at + 48] == p["bias"].tolist()
-        b_at += 48
         expected_pairs, expected_weights = [], []
         kh, kw = p["weight"].shape[2:]
         for g in range(out_groups):
@@ -239,9 +273,12 @@ def test_hls_streams_follow_the_documented_layout(hand_model, tmp_path):
         assert weights[w_at:w_at + len(expected_weights)] == expected_weights, short
         w_at += len(expected_weights)
     assert biases[b_at:] == [127, -127] * 128
+    # the old, wrong layout put ctx1's pointers right after ctx1's biases: the kernel would read
+    # them as ctx2's biases
+    assert biases[48:96] == params[layers["ctx2"]]["bias"].tolist()
     # a whole block is one line per output channel: row-major [PO][PI]
     first_block = (tmp_path / "weights.txt").read_text().splitlines()[:PO]
-    assert [int(v) for v in first_block[1].split()] == params["context_prediction.0"]["weight"][1, 0:PI, 0, 0].tolist()
+    assert [int(v) for v in first_block[1].split()] == params["context_prediction.1"]["weight"][1, 0:PI, 0, 0].tolist()
 
 
 def test_wrong_block_count_names_the_layer(tmp_path):
@@ -251,7 +288,7 @@ def test_wrong_block_count_names_the_layer(tmp_path):
     layer: FGPConv2d = broken.sparse_layers()["ctx2"]
     with torch.no_grad():
         layer.mask[0:PO, 3 * PI:4 * PI, 0, 0] = 1  # a 7th block in output group 0
-    with pytest.raises(ExportError, match=r"ctx2 \(context_prediction.2\): output group 0 has 7 active blocks.*6"):
+    with pytest.raises(ExportError, match=r"ctx2 \(context_prediction.3\): output group 0 has 7 active blocks.*6"):
         export_package(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -272,6 +309,10 @@ def test_hardware_report_counts_macs_independently_of_the_exporter(qat_model, pa
             def hook(mod, inputs, out, name=name):
                 nonzero_per_channel = mod.mask.flatten(1).sum(dim=1)
                 counts[name] = counts.get(name, 0) + int(nonzero_per_channel.sum()) * out.shape[2] * out.shape[3]
+        elif type(module).__name__ == "QUpsampleConv2d":
+            def hook(mod, inputs, out, name=name):  # the 2x2 conv runs on the input padded by 1
+                positions = (inputs[0].shape[2] + 1) * (inputs[0].shape[3] + 1)
+                counts[name] = positions * mod.out_channels * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
         elif type(module).__name__ == "QConv2d":
             def hook(mod, inputs, out, name=name):
                 counts[name] = out.numel() * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
@@ -291,15 +332,15 @@ def test_hardware_report_counts_macs_independently_of_the_exporter(qat_model, pa
         assert by_layer[name]["macs_sparse"] == count, name
     assert report["totals"]["macs_sparse"] == sum(counts.values())
     assert report["totals"]["macs_per_pixel_sparse"] == pytest.approx(sum(counts.values()) / (192 * 256))
-    context = ("context_prediction.0", "context_prediction.2", "entropy_parameters.2")
+    context = ("context_prediction.1", "context_prediction.3", "entropy_parameters.2")
     assert report["totals"]["context_macs_sparse"] == sum(counts[name] for name in context)
     # half of the blocks are active in the tiny model's context layers
     assert report["totals"]["context_sparse_ratio"] == pytest.approx(0.5)
-    ctx1 = by_layer["context_prediction.0"]
+    ctx1 = by_layer["context_prediction.1"]
     assert ctx1["blocks_per_group"] == 9 and ctx1["block_count_per_group"] == [9, 9, 9, 9]
     assert ctx1["macs_dense"] == 48 * 24 * 9 * 12 * 16
     text = (directory / "hardware_report.txt").read_text()
-    assert "context_prediction.0" in text and "9/18" in text and "MACs per pixel" in text
+    assert "context_prediction.1" in text and "9/18" in text and "MACs per pixel" in text
 
 
 def test_accumulator_wider_than_the_hardware_names_the_layer(qat_model):
@@ -326,8 +367,8 @@ def test_bias_beyond_16_bits_names_the_layer():
 def test_multiplier_out_of_range_names_the_layer(tmp_path):
     model = tiny_model("w12a12", "qat")
     with torch.no_grad():
-        model.g_s[4].conv.req_m[1] = 70000
-    with pytest.raises(fxp.FixedPointError, match=r"g_s\.4\.conv: scale_param 70000 \(channel 1\)"):
+        model.g_s[4].req_m[1] = 70000
+    with pytest.raises(fxp.FixedPointError, match=r"g_s\.4: scale_param 70000 \(channel 1\)"):
         export_package(model, tmp_path / "out")
     model = tiny_model("w12a12", "qat")
     with torch.no_grad():

@@ -47,8 +47,8 @@ def test_qat_in_float64_matches_the_integer_model_at_every_layer(hw, stage, mode
         assert report.exact, f"{hw}/{stage}/{name}:\n{report}"
         compared = {layer.name for layer in report.layers}
         # every quantized layer, the row engine and the coded quantities were compared
-        for layer in ("g_a.0", "g_a.1", "g_a.6", "h_a.3", "z_hat", "h_s.1", "h_s.2", "context_prediction.0",
-                      "context_prediction.2", "entropy_parameters.0", "entropy_parameters.2", "symbols",
+        for layer in ("g_a.0", "g_a.1", "g_a.6", "h_a.3", "z_hat", "h_s.1", "h_s.2", "context_prediction.1",
+                      "context_prediction.3", "entropy_parameters.0", "entropy_parameters.2", "symbols",
                       "pdf_index", "g_s.5", "g_s.6"):
             assert layer in compared, layer
         assert max(layer.max_off_grid for layer in report.layers) < 1e-6
@@ -84,10 +84,10 @@ def test_float32_model_outputs_are_what_the_harness_compares(models, photos):
 def test_sparse_and_dense_context_engines_agree(integer_models, photos):
     sparse = integer_models["w12a12", "qat"]
     dense = sparse.with_context_engine("dense")
-    assert sparse.context["ctx1"].active_blocks == int(sparse.params["context_prediction.0"]["mask"][::12, ::12].sum())
+    assert sparse.context["ctx1"].active_blocks == int(sparse.params["context_prediction.1"]["mask"][::12, ::12].sum())
     for _, x in photos[:2]:
         a, b = sparse.forward(pad_to_multiple(x)), dense.forward(pad_to_multiple(x))
-        for key in ("context_prediction.0", "context_prediction.2", "entropy_parameters.2", "symbols", "pdf_index"):
+        for key in ("context_prediction.1", "context_prediction.3", "entropy_parameters.2", "symbols", "pdf_index"):
             assert torch.equal(a[key], b[key]), key
 
 
@@ -138,7 +138,7 @@ def test_decoder_rejects_malformed_rows(integer_models):
 def test_harness_names_the_first_layer_that_differs(models, photos):
     model = models["w12a12", "qat"]
     params = model.export_quantized_parameters()
-    params["g_s.3"]["gain_bias"][0] += 40  # one integer of one LAGC channel is off
+    params["g_s.3"]["score_bias"][0] += 40  # one integer of one LAGC channel is off
     tampered = IntegerModel.from_model(model, params=params)
     report = compare_with_qat(model, photos[0][1], tampered)
     assert isinstance(report, BitExactReport) and not report.exact
@@ -175,7 +175,7 @@ def test_model_hash_follows_every_integer(models):
     assert first.model_hash == IntegerModel.from_model(model).model_hash
     assert len(first.model_hash) == 64
     params = model.export_quantized_parameters()
-    params["context_prediction.2"]["scale_shift"][3] += 1
+    params["context_prediction.3"]["scale_shift"][3] += 1
     assert IntegerModel.from_model(model, params=params).model_hash != first.model_hash
     assert IntegerModel.from_model(models["w12a12", "pdf"]).model_hash != first.model_hash
 

@@ -2,6 +2,7 @@
 
 import copy
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from streamlic import W8A8, W12A12, ConfigError, StreamLIC
 from streamlic.data import demo_images
 from streamlic.layers import LAGC, FGPConv2d, QConv2d
+from streamlic.model import STATE_VERSION
 
 TINY = {"c1": 12, "c2": 12, "c3": 24, "M": 24, "N": 12}
 SPARSE = {"density": 0.5}  # with M = 24 this keeps 1 of 2 (ctx1) and 2 of 4 (ctx2, ep) input groups per tap
@@ -159,7 +161,7 @@ def test_eval_before_qat_runs_the_trained_float_model(photos):
     assert x_hat.std() > 0.02
     perturbed = copy.deepcopy(model)
     with torch.no_grad():
-        perturbed.g_s[0].conv.weight.mul_(0.5)
+        perturbed.g_s[0].weight.mul_(0.5)
         assert not torch.equal(perturbed(image)["x_hat"], x_hat)
 
 
@@ -247,3 +249,29 @@ def test_layers_are_named_for_error_messages():
     assert isinstance(model.g_a[1], LAGC) and model.g_a[1].layer_name == "g_a.1"
     assert isinstance(model.entropy_parameters[2], FGPConv2d)
     assert model.entropy_parameters[2].layer_name == "entropy_parameters.2"
+
+
+def test_version_1_state_loads_with_the_research_module_paths():
+    """A QAT state saved by release 0.1 (``g_s.0.conv.weight``, context layers at 0 and 2) loads unchanged in meaning."""
+    saved = torch.load(Path(__file__).parent / "data" / "tiny_qat_state_v1.pt", weights_only=False)
+    state = saved["state_dict"]
+    assert state["_extra_state"]["version"] == 1 and "g_s.0.conv.weight" in state
+    model = StreamLIC(model=TINY, hardware=W12A12, sparsity={"density": 0.5})
+    model.load_state_dict(state)
+    assert model.stage == "qat"
+    assert torch.equal(model.g_s[0].weight, state["g_s.0.conv.weight"])
+    assert torch.equal(model.context_prediction[1].mask, state["context_prediction.0.mask"])
+    assert torch.equal(model.context_prediction[3].in_scale, state["context_prediction.2.in_scale"])
+    assert model.get_extra_state()["version"] == STATE_VERSION
+    with torch.no_grad():
+        out = model.eval()(saved["x"])
+    assert torch.equal(out["x_hat"], saved["x_hat"])
+    assert torch.equal(out["y_symbols"].to(torch.int8), saved["y_symbols"])
+
+
+def test_state_from_a_newer_release_is_refused_clearly():
+    model = StreamLIC(model=TINY, hardware=W12A12)
+    state = model.state_dict()
+    state["_extra_state"] = {**state["_extra_state"], "version": STATE_VERSION + 1}
+    with pytest.raises(ValueError, match=f"model state version {STATE_VERSION + 1}"):
+        StreamLIC(model=TINY, hardware=W12A12).load_state_dict(state)

@@ -25,11 +25,13 @@ HLS stream layout, for ctx1, ctx2 and ep in turn, one integer (or one pair) per 
 - ``weights.txt``: for each output group, its active blocks in (kh, kw, input group) order;
   each block is PO rows (output channels of the group) of PI weights (input channels), so a
   block is row-major [PO][PI];
-- ``biases.txt``: the layer's C_out biases in channel order, then one line
-  ``channel_pointer horizontal_offset`` per active block in the weights' order, where the
-  channel pointer is ``kh * (M / PI) + input group`` for ctx1 and the input group for ctx2 and
-  ep, and the horizontal offset is ``kw`` (the block reads input column ``x + kw`` of the
-  padded row); after the three layers, 128 lines ``127 -127`` of symbol bounds.
+- ``biases.txt``, three sections one after the other: (1) the biases of ctx1, ctx2 and ep
+  (C_out each, channel order); (2) one line ``channel_pointer horizontal_offset`` per active
+  block, ctx1's blocks, then ctx2's, then ep's, in the weights' order, where the channel
+  pointer is ``kh * (M / PI) + input group`` for ctx1 and the input group for ctx2 and ep, and
+  the horizontal offset is ``kw`` (the block reads input column ``x + kw`` of the padded
+  row); (3) 128 lines ``127 -127`` of symbol bounds. This is the order of the kernel's
+  loader: a layer's pointers right after its own biases would be read as biases.
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ log = logging.getLogger(__name__)
 EXPORT_FORMAT = "streamlic-export"
 EXPORT_VERSION = 1
 STREAM_FILES = ("weights.txt", "biases.txt", "scale_params.txt", "scale_shifts.txt")
-BIAS_KEYS = ("bias", "affine_bias", "gain_bias")
+BIAS_KEYS = ("bias", "affine_bias", "score_bias")
 MULTIPLIER_KEYS = (("scale_param", "scale_shift"), ("affine_scale_param", "affine_scale_shift"),
-                   ("gain_scale_param", "gain_scale_shift"), ("output_scale_param", "output_scale_shift"))
+                   ("score_scale_param", "score_scale_shift"), ("output_scale_param", "output_scale_shift"))
 HEADER_PREFIX = "STREAMLIC"
 REPORT_SIZE = (512, 768)  # (H, W) of the hardware report when no image is given
 
@@ -97,6 +99,17 @@ def export_quantized_parameters(model) -> dict[str, dict[str, Tensor]]:
         _check_ranges(name, layer, model.hw)
         params[name] = layer
     return params
+
+
+def research_parameter_dict(params: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+    """``params`` as the research code's ``export_quantized_parameters()`` returns them: int32 integers.
+
+    The authors' hardware scripts (integer golden model, stream writer) load this dict as it
+    is and compute in int64 from it; scales stay float64.
+    """
+    return {layer: {key: value.clone() if value.is_floating_point() else value.to(torch.int32)
+                    for key, value in layer_params.items()}
+            for layer, layer_params in params.items()}
 
 
 def _integers(layer: str, key: str, value: Tensor) -> Tensor:
@@ -172,6 +185,7 @@ def hls_streams(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, model_
         lines[stream].extend(new)
         sections[stream].append({"layer": layer, "part": part, "lines": len(new)})
 
+    pointers: dict[str, list[str]] = {}
     for short, name in CONTEXT_LAYERS.items():
         p = params[name]
         weight, mask = p["weight"], p["mask"]
@@ -182,18 +196,28 @@ def hls_streams(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, model_
                                   f"hardware expects {blocks_per_group[short]} (taps x group_num)")
         emit("scale_params.txt", short, "scale_param", [str(v) for v in p["scale_param"].tolist()])
         emit("scale_shifts.txt", short, "scale_shift", [str(v) for v in p["scale_shift"].tolist()])
-        block_rows, pointers = [], []
+        block_rows = []
+        pointers[short] = []
         for g, blocks in enumerate(groups):
             for i, j, ig in blocks:
                 block = weight[g * po:(g + 1) * po, ig * pi:(ig + 1) * pi, i, j]
                 block_rows.extend(" ".join(map(str, row)) for row in block.tolist())
-                pointer = i * (model_cfg.M // pi) + ig if short == "ctx1" else ig
-                pointers.append(f"{pointer} {j}")
+                pointers[short].append(f"{block_channel_pointer(short, i, ig, model_cfg.M, pi)} {j}")
         emit("weights.txt", short, "blocks", block_rows)
         emit("biases.txt", short, "bias", [str(v) for v in p["bias"].tolist()])
-        emit("biases.txt", short, "block_pointers", pointers)
+    # the kernel's loader reads every layer's biases first, then every layer's block pointers
+    for short, layer_pointers in pointers.items():
+        emit("biases.txt", short, "block_pointers", layer_pointers)
     emit("biases.txt", "all", "symbol_bounds", [f"{fxp.SYMBOL_MAX} {-fxp.SYMBOL_MAX}"] * fxp.SCALE_LEVELS)
     return lines, sections
+
+
+def block_channel_pointer(short: str, kh: int, in_group: int, latent_channels: int, block_in: int) -> int:
+    """The engine's channel pointer of a block: ``kh * (M / PI) + input group`` for ctx1, the input group otherwise.
+
+    ctx1 reads three latent rows, stacked in the engine's buffer one above the other.
+    """
+    return kh * (latent_channels // block_in) + in_group if short == "ctx1" else in_group
 
 
 def _read_ints(path: Path) -> list[int]:
@@ -219,14 +243,17 @@ def parse_hls_streams(directory: Path, manifest: dict[str, Any], hw: HardwareCon
         return values
 
     layers = {}
-    for short, info in manifest["context_layers"].items():
+    context = manifest["context_layers"]
+    # biases.txt: every layer's biases, then every layer's block pointers, then the symbol bounds
+    biases = {short: take("biases.txt", info["out_channels"], f"{short} biases") for short, info in context.items()}
+    for short, info in context.items():
         out_c, in_c = info["out_channels"], info["in_channels"]
         kh, kw = info["kernel"]
         per_group = info["blocks_per_group"]
         out_groups = out_c // po
         m = take("scale_params.txt", out_c, f"{short} scale params")
         k = take("scale_shifts.txt", out_c, f"{short} shifts")
-        bias = take("biases.txt", out_c, f"{short} biases")
+        bias = biases[short]
         flat_weights = take("weights.txt", out_groups * per_group * po * pi, f"{short} weights")
         pointers = take("biases.txt", 2 * out_groups * per_group, f"{short} block pointers")
         weight = torch.zeros(out_c, in_c, kh, kw, dtype=torch.int64)
@@ -524,9 +551,9 @@ def export_package(model, out_dir: str | Path, image: Tensor | None = None,
         written[name] = directory / name
         return written[name]
 
+    torch.save(research_parameter_dict(params), path_of("params.pt"))
     stored = {layer: {key: _compact(key, value, hw) for key, value in layer_params.items()}
               for layer, layer_params in params.items()}
-    torch.save(stored, path_of("params.pt"))
     arrays = {f"{layer}/{key}": value.numpy() for layer, layer_params in stored.items()
               for key, value in layer_params.items()}
     arrays.update({f"tables/{name}": table.numpy() for name, table in tables.items()})

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import fixedpoint as fxp
 from .config import HardwareConfig, ModelConfig
-from .layers import LAGC, ChannelAddition, QConv2d, QLeakyReLU, QUpsampleConv2d
+from .layers import LAGC, ChannelAddition, QConv2d, QLeakyReLU
 
 if TYPE_CHECKING:
     from .model import StreamLIC
@@ -48,15 +48,15 @@ ANALYSIS = (("g_a.0", "conv", 2, 1), ("g_a.1", "lagc", 1, 0), ("g_a.2", "conv", 
             ("g_a.4", "conv", 2, 1), ("g_a.5", "lagc", 1, 0), ("g_a.6", "latent", 2, 1))
 HYPER_ANALYSIS = (("h_a.1", "conv", 2, 0), ("h_a.2", "lagc", 1, 0), ("h_a.3", "conv", 2, 1))
 HYPER_ANALYSIS_PAD = (1, 1, 2, 0)  # causal: left, right, top, bottom
-HYPER_SYNTHESIS = (("h_s.0.conv", "upsample", 1, 0), ("h_s.1", "leaky", 1, 0), ("h_s.2.conv", "upsample", 1, 0))
-SYNTHESIS = (("g_s.0.conv", "upsample", 1, 0), ("g_s.1", "lagc", 1, 0), ("g_s.2.conv", "upsample", 1, 0),
-             ("g_s.3", "lagc", 1, 0), ("g_s.4.conv", "upsample", 1, 0), ("g_s.5", "lagc", 1, 0),
-             ("g_s.6.conv", "upsample", 1, 0))
+HYPER_SYNTHESIS = (("h_s.0", "upsample", 1, 0), ("h_s.1", "leaky", 1, 0), ("h_s.2", "upsample", 1, 0))
+SYNTHESIS = (("g_s.0", "upsample", 1, 0), ("g_s.1", "lagc", 1, 0), ("g_s.2", "upsample", 1, 0),
+             ("g_s.3", "lagc", 1, 0), ("g_s.4", "upsample", 1, 0), ("g_s.5", "lagc", 1, 0),
+             ("g_s.6", "upsample", 1, 0))
 # The block-sparse layers of the autoregressive engine: short name -> module name.
-CONTEXT_LAYERS = {"ctx1": "context_prediction.0", "ctx2": "context_prediction.2", "ep": "entropy_parameters.2"}
+CONTEXT_LAYERS = {"ctx1": "context_prediction.1", "ctx2": "context_prediction.3", "ep": "entropy_parameters.2"}
 CONTEXT_WIDTH_PADDING = {"ctx1": 0, "ctx2": 1, "ep": 1}
-LAGC_KEYS = ("affine_weight", "affine_bias", "affine_scale_param", "affine_scale_shift", "gain_scale_param",
-             "gain_scale_shift", "gain_bias", "output_scale_param", "output_scale_shift")
+LAGC_KEYS = ("affine_weight", "affine_bias", "affine_scale_param", "affine_scale_shift", "score_scale_param",
+             "score_scale_shift", "score_bias", "output_scale_param", "output_scale_shift")
 CONV_KEYS = ("weight", "bias", "scale_param", "scale_shift")
 FLOAT_KEYS = ("float_input_scale", "float_output_scale")
 CONTEXT_ENGINES = ("sparse", "dense")
@@ -183,8 +183,8 @@ class _LAGC:
         self.affine = _Conv(name + ".affine", {"weight": p["affine_weight"], "bias": p["affine_bias"],
                                                "scale_param": p["affine_scale_param"],
                                                "scale_shift": p["affine_scale_shift"]}, hw, hw.act_max)
-        self.m_g, self.k_g = _channel(_as_int64(p["gain_scale_param"])), _channel(_as_int64(p["gain_scale_shift"]))
-        self.b_g = _channel(_as_int64(p["gain_bias"]))
+        self.m_g, self.k_g = _channel(_as_int64(p["score_scale_param"])), _channel(_as_int64(p["score_scale_shift"]))
+        self.b_g = _channel(_as_int64(p["score_bias"]))
         self.m_o, self.k_o = _channel(_as_int64(p["output_scale_param"])), _channel(_as_int64(p["output_scale_shift"]))
 
     def __call__(self, q: Tensor) -> Tensor:
@@ -351,7 +351,7 @@ class IntegerModel:
     def _build_layers(self) -> None:
         hw = self.hw
         act = hw.act_max
-        in_bounds = {"g_a.0": hw.image_max, "h_s.0.conv": fxp.SYMBOL_MAX}
+        in_bounds = {"g_a.0": hw.image_max, "h_s.0": fxp.SYMBOL_MAX}
         self.layers: dict[str, Callable[[Tensor], Tensor]] = {}
         for name, kind, stride, padding in ANALYSIS + HYPER_ANALYSIS + HYPER_SYNTHESIS + SYNTHESIS:
             if kind == "leaky":
@@ -388,7 +388,7 @@ class IntegerModel:
         for name, *_ in spec:
             q = self.layers[name](q)
             if record is not None:
-                record[name.removesuffix(".conv")] = q
+                record[name] = q
         return q
 
     def quantize_input(self, x: Tensor) -> Tensor:
@@ -433,7 +433,7 @@ class IntegerModel:
         summed = fxp.channel_add(params_row, ctx2, self.hw)
         summed_act = fxp.leaky_relu(summed)
         ep = self.context["ep"](summed_act)
-        return {"context_prediction.0": ctx1, "context_prediction.1": ctx1_act, "context_prediction.2": ctx2,
+        return {"context_prediction.1": ctx1, "context_prediction.2": ctx1_act, "context_prediction.3": ctx2,
                 "entropy_parameters.0": summed, "entropy_parameters.1": summed_act, "entropy_parameters.2": ep}
 
     def predict_row(self, prev_rows: Tensor, params_row: Tensor) -> tuple[Tensor, Tensor]:
@@ -524,8 +524,6 @@ def _integer_step(module) -> Tensor | float:
     """Real value of one integer step of a module's output."""
     if isinstance(module, QConv2d):
         return module.output_scale_map()
-    if isinstance(module, QUpsampleConv2d):
-        return module.conv.output_scale_map()
     if isinstance(module, LAGC):
         return module.out_scale
     if isinstance(module, QLeakyReLU):
@@ -604,7 +602,7 @@ def qat_integers(model: "StreamLIC", x: Tensor, dtype: torch.dtype = torch.float
     hooks = []
     for chain in ("g_a", "h_a", "h_s", "g_s", "context_prediction", "entropy_parameters"):
         for index, module in enumerate(getattr(qat, chain)):
-            if isinstance(module, torch.nn.ZeroPad2d):
+            if isinstance(module, (torch.nn.ZeroPad2d, torch.nn.Identity)):
                 continue
             name = f"{chain}.{index}"
 

@@ -316,22 +316,18 @@ class QConv2d(QuantLayer):
         return self.weight, self.weight_absmax
 
 
-class QUpsampleConv2d(nn.Module):
-    """Pad 1, 2x2 conv to 4*C_out channels, pixel-shuffle x2, crop 1 pixel: exactly 2H x 2W."""
+class QUpsampleConv2d(QConv2d):
+    """Pad 1, 2x2 conv to 4*C_out channels, pixel-shuffle x2, crop 1 pixel: exactly 2H x 2W.
+
+    The module is the convolution itself (not a wrapper), so its parameters sit directly at
+    its path (``g_s.0.weight``), the path the research code's parameter dict uses.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, hw: HardwareConfig, fixed_scale: float | None = None):
-        super().__init__()
-        self.conv = QConv2d(in_channels, 4 * out_channels, 2, 1, 0, hw=hw, fixed_scale=fixed_scale)
-
-    def freeze(self, in_scale):
-        return self.conv.freeze(in_scale)
-
-    @property
-    def out_scale(self) -> Tensor:
-        return self.conv.out_scale
+        super().__init__(in_channels, 4 * out_channels, 2, 1, 0, hw=hw, fixed_scale=fixed_scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.pixel_shuffle(self.conv(F.pad(x, (1, 1, 1, 1))), 2)[:, :, 1:-1, 1:-1]
+        return F.pixel_shuffle(super().forward(F.pad(x, (1, 1, 1, 1))), 2)[:, :, 1:-1, 1:-1]
 
 
 class QLeakyReLU(nn.Module):
@@ -445,6 +441,7 @@ class LAGC(QuantLayer):
         return fxp.to_multiplier(factor, self.hw, f"{self.layer_name}.gain", check=check)
 
     def integer_params(self) -> dict[str, Tensor]:
+        """The hardware's integers; the gain path ("score" in the research code's names) is ``score_*``."""
         with torch.no_grad():
             q_wa, b_a, b_g, _ = self._integer_pieces()
             m_g, k_g = self._gain_multiplier()
@@ -453,9 +450,9 @@ class LAGC(QuantLayer):
                 "affine_bias": b_a,
                 "affine_scale_param": self.affine_m.clone(),
                 "affine_scale_shift": self.affine_k.clone(),
-                "gain_scale_param": m_g.to(q_wa.dtype),
-                "gain_scale_shift": k_g.to(q_wa.dtype),
-                "gain_bias": b_g,
+                "score_scale_param": m_g.to(q_wa.dtype),
+                "score_scale_shift": k_g.to(q_wa.dtype),
+                "score_bias": b_g,
                 "output_scale_param": self.out_m.clone(),
                 "output_scale_shift": self.out_k.clone(),
             }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,10 @@ from .layers import (LAGC, ChannelAddition, FGPConv2d, QConv2d, QLeakyReLU, Quan
 log = logging.getLogger(__name__)
 
 STAGES = ("aun", "mask", "qat", "fix_encoder", "pdf")
-STATE_VERSION = 1
+STATE_VERSION = 2
+# Version 1 named the upsample convolutions' parameters ``<path>.conv.<name>`` and had no
+# padding slot in front of the context model; version 2 uses the research code's module paths.
+_V1_CONTEXT_SHIFT = 1
 
 
 class StreamLIC(CompressionModel):
@@ -69,6 +73,9 @@ class StreamLIC(CompressionModel):
         )
         pi = hw.block_in
         self.context_prediction = nn.Sequential(
+            # index 0 is the research code's padding slot: the rows arrive already padded
+            # (context_input, the row loop), and the slot keeps the module paths of its exports
+            nn.Identity(),
             FGPConv2d(M, 2 * M, 3, 0, hw=hw, group_num=sp.group_num("ctx1", M, pi)),
             QLeakyReLU(),
             FGPConv2d(2 * M, 2 * M, (1, 3), (0, 1), hw=hw, fixed_scale=ls, group_num=sp.group_num("ctx2", 2 * M, pi)),
@@ -97,6 +104,7 @@ class StreamLIC(CompressionModel):
         self.pdf_initialized = False
         self.rectified_cdf_y.requires_grad_(False)
         self.rectified_cdf_z.requires_grad_(False)
+        self.register_load_state_dict_pre_hook(_upgrade_state_dict)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -108,7 +116,7 @@ class StreamLIC(CompressionModel):
         return self.model_cfg.M
 
     def sparse_layers(self) -> dict[str, FGPConv2d]:
-        return {"ctx1": self.context_prediction[0], "ctx2": self.context_prediction[2],
+        return {"ctx1": self.context_prediction[1], "ctx2": self.context_prediction[3],
                 "ep": self.entropy_parameters[2]}
 
     def input_scales(self) -> dict[str, float]:
@@ -254,6 +262,9 @@ class StreamLIC(CompressionModel):
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"model state version {state.get('version')!r}: this StreamLIC reads version "
+                             f"{STATE_VERSION} (and upgrades version 1); the checkpoint was written by a newer release")
         saved = state.get("config", {})
         mine = self.get_extra_state()["config"]
         for key in ("model", "hardware"):
@@ -421,6 +432,29 @@ class StreamLIC(CompressionModel):
             "z_symbols": z_symbols,
             "pdf_index": index,
         }
+
+
+def _upgrade_state_dict(module, state_dict, prefix, *args) -> None:
+    """Map a version-1 state dict onto today's module paths (a load_state_dict pre-hook).
+
+    The checkpoint's own version decides; nothing else is changed, so an upgraded checkpoint
+    loads into the same stage with the same weights, buffers and flags.
+    """
+    extra_key = prefix + "_extra_state"
+    extra = state_dict.get(extra_key)
+    if not isinstance(extra, dict) or extra.get("version") != 1:
+        return
+    upsample = re.compile(rf"^{re.escape(prefix)}(h_s|g_s)\.(\d+)\.conv\.")
+    context = re.compile(rf"^{re.escape(prefix)}context_prediction\.(\d+)\.")
+    # renamed all at once: the shifted context paths overlap the old ones
+    renamed = {}
+    for key in [key for key in state_dict if upsample.match(key) or context.match(key)]:
+        new = upsample.sub(rf"{prefix}\1.\2.", key)
+        new = context.sub(lambda m: f"{prefix}context_prediction.{int(m.group(1)) + _V1_CONTEXT_SHIFT}.", new)
+        renamed[new] = state_dict.pop(key)
+    state_dict.update(renamed)
+    state_dict[extra_key] = {**extra, "version": STATE_VERSION}
+    log.info("model state of version 1 mapped onto version %d module paths", STATE_VERSION)
 
 
 ARLiteSparse_Q = StreamLIC
