@@ -181,6 +181,66 @@ def test_golden_vectors_are_the_integer_models_tensors_in_hwc_order(qat_model, p
                            tensor.permute(1, 2, 0))
 
 
+def read_hwc(path, channels):
+    """An (H, W, C) golden text file as a [1, C, H, W] tensor (one pixel per line)."""
+    lines = path.read_text().splitlines()
+    return torch.tensor([[int(v) for v in line.split()] for line in lines]), len(lines)
+
+
+def corner_set(directory, manifest):
+    entry = manifest["golden"]["corner"]
+    tensors = {}
+    for name, info in entry["files"].items():
+        height, width, channels = info["shape_hwc"]
+        rows, count = read_hwc(directory / entry["directory"] / name, channels)
+        assert count == height * width and rows.shape[1] == channels, name
+        tensors[name] = rows.T.reshape(1, channels, height, width)
+    return entry, tensors
+
+
+@pytest.fixture(scope="module")
+def saturating_model():
+    """The tiny model with ctx2's weights made large before QAT, so that ctx2 can saturate too."""
+    model = tiny_model("w12a12", "mask")
+    with torch.no_grad():
+        model.sparse_layers()["ctx2"].weight.mul_(40)
+    model.toggle_quantization(True)
+    return model
+
+
+def test_corner_case_vectors_drive_every_clamp_of_the_row_engine(saturating_model, tmp_path):
+    export_package(saturating_model, tmp_path, image=sample_photos()[1][1][0], image_name="rocket")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    entry, tensors = corner_set(tmp_path, manifest)
+    # same shapes as the photo's set; latents inside +-127 * 16
+    photo_files = manifest["golden"]["files"]
+    for name in ("y.txt", "hyper.txt", "symbols.txt", "pdf_index.txt"):
+        assert entry["files"][name]["shape_hwc"] == photo_files[name]["shape_hwc"], name
+    assert int(tensors["y.txt"].abs().max()) <= 127 * 16
+    assert int(tensors["hyper.txt"].abs().max()) == 2047
+    # both sides of every clamp are hit, and the symbols/indices show it
+    for clamp in ("symbols", "pdf_index", "ctx1", "ctx2", "channel_addition", "ep_mean"):
+        assert entry["saturation"][clamp]["below"] > 0 and entry["saturation"][clamp]["above"] > 0, clamp
+    assert entry["unreachable"] == [] and entry["unreached"] == []
+    assert int(tensors["symbols.txt"].max()) == 127 and int(tensors["symbols.txt"].min()) == -127
+    assert int(tensors["pdf_index.txt"].max()) == 127 and int(tensors["pdf_index.txt"].min()) == 0
+    # the goldens are the integer model's, recomputed here from the files alone
+    coded = IntegerModel.from_export(tmp_path).encode_rows(tensors["y.txt"], tensors["hyper.txt"])
+    assert torch.equal(coded["symbols"], tensors["symbols.txt"])
+    assert torch.equal(coded["pdf_index"], tensors["pdf_index.txt"])
+
+
+def test_corner_case_set_names_clamps_no_input_can_reach(package):
+    """The briefly trained tiny model's ctx2 cannot exceed +-127 of its 2047 range, whatever its input."""
+    directory, _, _ = package
+    entry = json.loads((directory / "manifest.json").read_text())["golden"]["corner"]
+    assert entry["unreachable"] == ["ctx2.below", "ctx2.above"]
+    assert entry["saturation"]["ctx2"] == {"below": 0, "above": 0}
+    assert entry["unreached"] == []
+    for clamp in ("symbols", "pdf_index", "ctx1", "channel_addition", "ep_mean"):
+        assert min(entry["saturation"][clamp].values()) > 0, clamp
+
+
 def test_cdf_tables_are_16_bit_with_every_symbol_possible(package):
     directory, _, _ = package
     for name in ("cdf_y.txt", "cdf_z.txt"):

@@ -51,7 +51,7 @@ from torch import Tensor
 from . import fixedpoint as fxp
 from .config import HardwareConfig, ModelConfig, hardware_config, model_config
 from .integer_model import (ANALYSIS, CONTEXT_LAYERS, HYPER_ANALYSIS, HYPER_SYNTHESIS, PAD_MULTIPLE, SYNTHESIS,
-                            IntegerModel, block_mask, pad_to_multiple, require_integer_stage)
+                            IntegerModel, SaturationCounts, block_mask, pad_to_multiple, require_integer_stage)
 from .layers import LAGC, FGPConv2d, QConv2d
 
 log = logging.getLogger(__name__)
@@ -500,20 +500,162 @@ GOLDEN_TENSORS = {"x.txt": "x", "y.txt": "g_a.6", "z_hat.txt": "z_hat", "hyper.t
                   "symbols.txt": "symbols", "pdf_index.txt": "pdf_index", "y_hat.txt": "y_hat"}
 
 
+CORNER_DIR = "corner"
+CORNER_SEEDS = 16
+# Both sides of each of these clamps must be reached by the corner-case set.
+CORNER_CLAMPS = ("symbols", "pdf_index", "ctx1", "ctx2", "channel_addition", "ep_mean")
+
+
+def _write_tensors(directory: Path, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """Each [1, C, H, W] integer tensor as (H, W, C) text; returns the manifest entry of the files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shapes = {}
+    for file_name, (key, tensor) in tensors.items():
+        _write_rows(directory / file_name, _hwc_rows(tensor))
+        shapes[file_name] = {"tensor": key, "shape_hwc": [tensor.shape[2], tensor.shape[3], tensor.shape[1]]}
+    return shapes
+
+
 def _golden_vectors(integer_model: IntegerModel, image: Tensor, directory: Path) -> dict[str, Any]:
-    """Integer tensors of one image as (H, W, C) text, and their shapes for the manifest."""
+    """Integer tensors of one image as (H, W, C) text, the corner-case set, and their manifest entry."""
     if image.dim() == 3:
         image = image[None]
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"golden vectors need one image [3, H, W], got shape {tuple(image.shape)}")
     record = integer_model.forward(pad_to_multiple(image))
-    directory.mkdir(parents=True, exist_ok=True)
-    shapes = {}
-    for file_name, key in GOLDEN_TENSORS.items():
-        tensor = record[key]
-        _write_rows(directory / file_name, _hwc_rows(tensor))
-        shapes[file_name] = {"tensor": key, "shape_hwc": [tensor.shape[2], tensor.shape[3], tensor.shape[1]]}
-    return {"image_size": list(image.shape[-2:]), "padded_size": list(record["x"].shape[-2:]), "files": shapes}
+    shapes = _write_tensors(directory, {name: (key, record[key]) for name, key in GOLDEN_TENSORS.items()})
+    latent_h, latent_w = record["g_a.6"].shape[-2:]
+    corner = _corner_case_vectors(integer_model, latent_h, latent_w, directory / CORNER_DIR)
+    return {"image_size": list(image.shape[-2:]), "padded_size": list(record["x"].shape[-2:]), "files": shapes,
+            "corner": corner}
+
+
+def _saturating_rows(integer_model: IntegerModel, channel: int, sign: int) -> Tensor:
+    """Three latent rows [M, 3] that push ctx2's output ``channel`` towards ``sign`` (+1 or -1).
+
+    Linear ascent through ctx1: each ctx1 channel is wanted with the sign of its total weight
+    in ``channel`` of ctx2, and each latent (channel, row) takes the full-scale sign that
+    raises that wish most.
+    """
+    w1, w2 = integer_model.context["ctx1"].weight, integer_model.context["ctx2"].weight
+    wanted = sign * w2[channel].sum(dim=(1, 2))  # [2M]: how much each ctx1 channel should rise
+    drive = torch.einsum("j,jihw->ih", wanted, w1)  # [M, 3]: rise of that wish per latent (channel, row)
+    return torch.where(drive >= 0, 1, -1) * fxp.latent_bound(integer_model.hw)
+
+
+# One corner-case cycle: (pattern, rows). Full-scale inputs are far outside what a trained
+# model sees, so ctx1, the channel addition and ep saturate both ways, and latents far from
+# their means give symbols at +-127; ctx2, whose input is ctx1 after the LeakyReLU, needs
+# inputs aimed at one of its channels.
+CORNER_CYCLE = (("signs", 1), ("high", 1), ("low", 1), ("uniform", 1), ("alternating", 1),
+                ("ctx2_high", 3), ("ctx2_low", 3), ("zeros", 1))
+
+
+def corner_case_inputs(integer_model: IntegerModel, height: int, width: int,
+                       seed: int) -> tuple[Tensor, Tensor]:
+    """A latent ``y`` and hyper output [1, C, height, width] that drive the row engine into its clamps."""
+    hw, m = integer_model.hw, integer_model.M
+    y_max, act = fxp.latent_bound(hw), hw.act_max
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.zeros(1, m, height, width, dtype=torch.int64)
+    hyper = torch.zeros(1, 2 * m, height, width, dtype=torch.int64)
+
+    def random_signs(channels: int) -> Tensor:
+        return torch.randint(0, 2, (channels, 1, width), generator=generator) * 2 - 1
+
+    def uniform(channels: int, bound: int) -> Tensor:
+        return torch.randint(-bound, bound + 1, (channels, 1, width), generator=generator)
+
+    alternating = (torch.arange(2 * m).remainder(2) * 2 - 1).view(-1, 1, 1)
+    schedule = [name for name, rows in CORNER_CYCLE for _ in range(rows)]
+    h = 0
+    while h < height:
+        pattern = schedule[h % len(schedule)]
+        rows = slice(h, h + 1)
+        if pattern == "signs":
+            y[0, :, rows], hyper[0, :, rows] = random_signs(m) * y_max, random_signs(2 * m) * act
+        elif pattern in ("high", "low"):
+            sign = 1 if pattern == "high" else -1
+            y[0, :, rows], hyper[0, :, rows] = sign * y_max, -sign * act
+        elif pattern == "uniform":
+            y[0, :, rows], hyper[0, :, rows] = uniform(m, y_max), uniform(2 * m, act)
+        elif pattern == "alternating":
+            y[0, :, rows], hyper[0, :, rows] = alternating[:m] * y_max, -alternating * act
+        elif pattern.startswith("ctx2_"):
+            # three rows of aimed latents; the row after them reads them as its context
+            channel = int(torch.randint(0, 2 * m, (1,), generator=generator))
+            block = _saturating_rows(integer_model, channel, 1 if pattern == "ctx2_high" else -1)
+            rows = slice(h, min(h + 3, height))
+            y[0, :, rows] = block[:, :rows.stop - h, None]
+            hyper[0, :, rows] = uniform(2 * m, act)
+            h = rows.stop
+            continue
+        h += 1
+    return y, hyper
+
+
+def _clamp_reach(integer_model: IntegerModel) -> dict[str, tuple[int, int]]:
+    """Worst-case (lowest, highest) value before the clamp of each context layer, over all inputs in range.
+
+    A clamp whose worst case stays inside it can never act for this model: its saturation
+    cannot be tested with any input, and the manifest says so instead of counting zero.
+    """
+    act = integer_model.hw.act_max
+    after_leaky = int(fxp.leaky_relu(torch.tensor(-act)))
+    input_ranges = {"ctx1": (-act, act), "ctx2": (after_leaky, act), "ep": (after_leaky, act)}
+    reach = {}
+    for short, (in_lo, in_hi) in input_ranges.items():
+        layer = integer_model.context[short]
+        positive, negative = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
+        acc_hi = (positive * in_hi + negative * in_lo).sum(dim=(1, 2, 3))
+        acc_lo = (positive * in_lo + negative * in_hi).sum(dim=(1, 2, 3))
+        hi = layer.requantize(acc_hi.to(torch.int64).view(1, -1, 1, 1), clamped=False).view(-1)
+        lo = layer.requantize(acc_lo.to(torch.int64).view(1, -1, 1, 1), clamped=False).view(-1)
+        if short == "ep":
+            reach["ep_mean"] = (int(lo[0::2].min()), int(hi[0::2].max()))
+            reach["pdf_index"] = (int(lo[1::2].min()), int(hi[1::2].max()))
+        else:
+            reach[short] = (int(lo.min()), int(hi.max()))
+    return reach
+
+
+def _corner_case_vectors(integer_model: IntegerModel, height: int, width: int, directory: Path) -> dict[str, Any]:
+    """Golden vectors of the row engine for :func:`corner_case_inputs`, with the elements beyond each clamp.
+
+    Tries up to ``CORNER_SEEDS`` seeds until both sides of every reachable clamp in
+    ``CORNER_CLAMPS`` are reached. Clamps that no input can reach for this model are listed
+    under ``unreachable``; reachable ones that no seed reached under ``unreached``, with a warning.
+    """
+    act = integer_model.hw.act_max
+    bounds = {"pdf_index": (0, fxp.SCALE_LEVELS - 1)}
+    unreachable = []
+    for name, (lowest, highest) in _clamp_reach(integer_model).items():
+        lo, hi = bounds.get(name, (-act, act))
+        unreachable += [f"{name}.below"] * (lowest >= lo) + [f"{name}.above"] * (highest <= hi)
+    wanted = [f"{name}.{side}" for name in CORNER_CLAMPS for side in ("below", "above")
+              if f"{name}.{side}" not in unreachable]
+    best = None
+    for seed in range(CORNER_SEEDS):
+        y, hyper = corner_case_inputs(integer_model, height, width, seed)
+        saturation = SaturationCounts()
+        coded = integer_model.encode_rows(y, hyper, saturation=saturation)
+        counts = saturation.as_dict()
+        unreached = [key for key in wanted if counts[key.split(".")[0]][key.split(".")[1]] == 0]
+        if best is None or len(unreached) < len(best[-1]):
+            best = (seed, y, hyper, coded, counts, unreached)
+        if not unreached:
+            break
+    seed, y, hyper, coded, counts, unreached = best
+    if unreachable:
+        log.info("corner-case vectors: %s cannot be reached by any input of this model", ", ".join(unreachable))
+    if unreached:
+        log.warning("corner-case vectors: no input found that drives %s beyond its clamp; the hardware's "
+                    "saturation there stays untested", ", ".join(unreached))
+    files = _write_tensors(directory, {"y.txt": ("y", y), "hyper.txt": ("hyper", hyper),
+                                       "symbols.txt": ("symbols", coded["symbols"]),
+                                       "pdf_index.txt": ("pdf_index", coded["pdf_index"])})
+    return {"directory": f"golden/{CORNER_DIR}", "seed": seed, "files": files, "saturation": counts,
+            "unreachable": unreachable, "unreached": unreached}
 
 
 def _check_output_dir(directory: Path) -> None:
@@ -570,6 +712,8 @@ def export_package(model, out_dir: str | Path, image: Tensor | None = None,
         golden["image"] = image_name
         for file_name in GOLDEN_TENSORS:
             written[f"golden/{file_name}"] = directory / "golden" / file_name
+        for file_name in golden["corner"]["files"]:
+            written[f"golden/{CORNER_DIR}/{file_name}"] = directory / "golden" / CORNER_DIR / file_name
     path_of("hardware_report.json").write_text(json.dumps(report, indent=2) + "\n")
     path_of("hardware_report.txt").write_text(format_hardware_report(report))
 

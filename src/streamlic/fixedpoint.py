@@ -219,14 +219,24 @@ def hyper_symbols(z_q: Tensor, hw: HardwareConfig) -> Tensor:
     return clamp_symmetric(rshift_round(z_q, hw.latent_shift), SYMBOL_MAX)
 
 
+def symbol_residual(y_q: Tensor, mu_q: Tensor, hw: HardwareConfig) -> Tensor:
+    """``rshift_round(y_q - mu_q, A-8)``: a latent's symbol before the clamp to +-127."""
+    return rshift_round(y_q - mu_q, hw.latent_shift)
+
+
 def latent_symbols(y_q: Tensor, mu_q: Tensor, hw: HardwareConfig) -> Tensor:
     """``s = clamp(rshift_round(y_q - mu_q, A-8), +-127)``."""
-    return clamp_symmetric(rshift_round(y_q - mu_q, hw.latent_shift), SYMBOL_MAX)
+    return clamp_symmetric(symbol_residual(y_q, mu_q, hw), SYMBOL_MAX)
+
+
+def dequantized_latent_unclamped(symbols: Tensor, mu_q: Tensor, hw: HardwareConfig) -> Tensor:
+    """``2**(A-8) * s + mu_q`` before the clamp of :func:`dequantize_latent`."""
+    return symbols * 2**hw.latent_shift + mu_q
 
 
 def dequantize_latent(symbols: Tensor, mu_q: Tensor, hw: HardwareConfig) -> Tensor:
     """``y_hat_q = 2**(A-8) * s + mu_q``, kept in the activation range the context layers read."""
-    return clamp_symmetric(symbols * 2**hw.latent_shift + mu_q, hw.act_max)
+    return clamp_symmetric(dequantized_latent_unclamped(symbols, mu_q, hw), hw.act_max)
 
 
 # ---------------------------------------------------------------- scale index ("pdf index")

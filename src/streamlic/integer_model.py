@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAD_MULTIPLE = 64  # g_a and h_a downsample by 64 in all
+NO_CLAMP = 2**62  # an output "bound" no int64 value of the datapath reaches: the value before a clamp
 HASH_FORMAT = 1
 FLOAT64_EXACT = 2**53
 
@@ -160,11 +161,16 @@ class _Conv:
         self.lo, self.hi = lo, hi
         _check_float64_exact(name, self.weight, in_bound)
 
-    def requantize(self, acc: Tensor) -> Tensor:
-        return fxp.requantize(acc, self.m, self.k, self.bias, self.hw, self.lo, self.hi)
+    def requantize(self, acc: Tensor, clamped: bool = True) -> Tensor:
+        """The output integers of an accumulator; ``clamped=False`` gives them before the output clamp."""
+        lo, hi = (self.lo, self.hi) if clamped else (-NO_CLAMP, NO_CLAMP)
+        return fxp.requantize(acc, self.m, self.k, self.bias, self.hw, lo, hi)
+
+    def accumulate(self, q: Tensor) -> Tensor:
+        return _accumulate(q, self.weight, self.stride, self.padding)
 
     def __call__(self, q: Tensor) -> Tensor:
-        return self.requantize(_accumulate(q, self.weight, self.stride, self.padding))
+        return self.requantize(self.accumulate(q))
 
 
 class _UpsampleConv(_Conv):
@@ -227,9 +233,9 @@ class _BlockSparseRowConv(_Conv):
         self.packed_weight = packed.reshape(self.out_groups, po, width * pi)
         self.active_blocks = sum(len(active) for active in per_group)
 
-    def __call__(self, rows: Tensor) -> Tensor:
+    def accumulate(self, rows: Tensor) -> Tensor:
         if self.engine == "dense":
-            return super().__call__(rows)
+            return super().accumulate(rows)
         batch, _, _, width = rows.shape
         padded = F.pad(rows.to(torch.float64), (self.width_padding, self.width_padding))
         out_width = width + 2 * self.width_padding - self.weight.shape[3] + 1
@@ -240,8 +246,27 @@ class _BlockSparseRowConv(_Conv):
         gathered = slabs.index_select(1, self.slab_index.reshape(-1))  # [B, out_groups * blocks, PI, w]
         gathered = gathered.reshape(batch, self.out_groups, -1, out_width)
         acc = torch.matmul(self.packed_weight, gathered)  # [B, out_groups, PO, w]
-        acc = acc.reshape(batch, -1, 1, out_width).to(torch.int64)
-        return self.requantize(acc)
+        return acc.reshape(batch, -1, 1, out_width).to(torch.int64)
+
+
+class SaturationCounts:
+    """How many elements of the row engine lie beyond each clamp, below and above it.
+
+    Keys: ``ctx1``, ``ctx2``, ``channel_addition``, ``ep_mean`` (ep's even channels),
+    ``pdf_index`` (ep's odd channels, clamped to [0, 127]), ``symbols`` (+-127) and
+    ``latent_hat`` (the dequantized latent, kept in the activation range).
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def add(self, name: str, raw: Tensor, lo: Tensor | int, hi: Tensor | int) -> None:
+        entry = self.counts.setdefault(name, {"below": 0, "above": 0})
+        entry["below"] += int((raw < lo).sum())
+        entry["above"] += int((raw > hi).sum())
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {name: dict(entry) for name, entry in self.counts.items()}
 
 
 def block_mask(mask: Tensor, block_in: int, block_out: int) -> Tensor:
@@ -426,13 +451,29 @@ class IntegerModel:
         return torch.clamp(q.to(torch.float64) * self.output_scale + 0.5, 0.0, 1.0).to(torch.float32)
 
     # ------------------------------------------------------------------ autoregressive engine
-    def _predict_row(self, prev_rows: Tensor, params_row: Tensor) -> dict[str, Tensor]:
-        ctx1 = self.context["ctx1"](prev_rows)
+    def _context_layer(self, short: str, x: Tensor, saturation: SaturationCounts | None) -> Tensor:
+        layer = self.context[short]
+        acc = layer.accumulate(x)
+        if saturation is not None:
+            raw = layer.requantize(acc, clamped=False)
+            act = self.hw.act_max
+            if short == "ep":
+                saturation.add("ep_mean", raw[:, 0::2], -act, act)
+                saturation.add("pdf_index", raw[:, 1::2], 0, fxp.SCALE_LEVELS - 1)
+            else:
+                saturation.add(short, raw, -act, act)
+        return layer.requantize(acc)
+
+    def _predict_row(self, prev_rows: Tensor, params_row: Tensor,
+                     saturation: SaturationCounts | None = None) -> dict[str, Tensor]:
+        ctx1 = self._context_layer("ctx1", prev_rows, saturation)
         ctx1_act = fxp.leaky_relu(ctx1)
-        ctx2 = self.context["ctx2"](ctx1_act)
+        ctx2 = self._context_layer("ctx2", ctx1_act, saturation)
+        if saturation is not None:
+            saturation.add("channel_addition", params_row + ctx2, -self.hw.act_max, self.hw.act_max)
         summed = fxp.channel_add(params_row, ctx2, self.hw)
         summed_act = fxp.leaky_relu(summed)
-        ep = self.context["ep"](summed_act)
+        ep = self._context_layer("ep", summed_act, saturation)
         return {"context_prediction.1": ctx1, "context_prediction.2": ctx1_act, "context_prediction.3": ctx2,
                 "entropy_parameters.0": summed, "entropy_parameters.1": summed_act, "entropy_parameters.2": ep}
 
@@ -447,7 +488,8 @@ class IntegerModel:
         return ep[:, 0::2], ep[:, 1::2]
 
     def _rows(self, params_q: Tensor, next_symbols: Callable[[int, Tensor, Tensor], Tensor],
-              record: dict[str, list[Tensor]] | None = None) -> dict[str, Tensor]:
+              record: dict[str, list[Tensor]] | None = None,
+              saturation: SaturationCounts | None = None) -> dict[str, Tensor]:
         params_q = _as_int64(params_q)
         batch, channels, height, width = params_q.shape
         if channels != 2 * self.M:
@@ -456,29 +498,38 @@ class IntegerModel:
         symbols = params_q.new_empty(batch, self.M, height, width)
         pdf_index = torch.empty_like(symbols)
         for h in range(height):
-            layers = self._predict_row(padded[:, :, h:h + 3], params_q[:, :, h:h + 1])
+            layers = self._predict_row(padded[:, :, h:h + 3], params_q[:, :, h:h + 1], saturation)
             ep = layers["entropy_parameters.2"]
             mu_q, index = ep[:, 0::2], ep[:, 1::2]
             row_symbols = next_symbols(h, mu_q, index)
             symbols[:, :, h:h + 1] = row_symbols
             pdf_index[:, :, h:h + 1] = index
             padded[:, :, h + 3:h + 4, 1:-1] = fxp.dequantize_latent(row_symbols, mu_q, self.hw)
+            if saturation is not None:
+                saturation.add("latent_hat", fxp.dequantized_latent_unclamped(row_symbols, mu_q, self.hw),
+                               -self.hw.act_max, self.hw.act_max)
             if record is not None:
                 for name, tensor in layers.items():
                     record.setdefault(name, []).append(tensor)
         return {"symbols": symbols, "pdf_index": pdf_index, "y_hat_q": padded[:, :, 3:, 1:-1]}
 
-    def encode_rows(self, y_q: Tensor, params_q: Tensor,
-                    record: dict[str, list[Tensor]] | None = None) -> dict[str, Tensor]:
-        """Encoder row loop: symbols, scale indices and dequantized latents ``y_hat_q`` [B, M, h, w]."""
+    def encode_rows(self, y_q: Tensor, params_q: Tensor, record: dict[str, list[Tensor]] | None = None,
+                    saturation: SaturationCounts | None = None) -> dict[str, Tensor]:
+        """Encoder row loop: symbols, scale indices and dequantized latents ``y_hat_q`` [B, M, h, w].
+
+        ``saturation``, if given, counts the elements beyond every clamp of the row engine.
+        """
         y_q = _as_int64(y_q)
         if y_q.shape[0] != params_q.shape[0] or y_q.shape[1] != self.M or y_q.shape[2:] != params_q.shape[2:]:
             raise ValueError(f"latent {tuple(y_q.shape)} does not match hyper output {tuple(params_q.shape)}")
 
         def quantize(h: int, mu_q: Tensor, index: Tensor) -> Tensor:
+            if saturation is not None:
+                saturation.add("symbols", fxp.symbol_residual(y_q[:, :, h:h + 1], mu_q, self.hw),
+                               -fxp.SYMBOL_MAX, fxp.SYMBOL_MAX)
             return fxp.latent_symbols(y_q[:, :, h:h + 1], mu_q, self.hw)
 
-        return self._rows(params_q, quantize, record)
+        return self._rows(params_q, quantize, record, saturation)
 
     def decode_rows(self, params_q: Tensor, read_row: Callable[[int, Tensor], Tensor]) -> dict[str, Tensor]:
         """Decoder row loop; ``read_row(h, pdf_index_row)`` returns row ``h``'s symbols [B, M, 1, w]."""

@@ -365,7 +365,7 @@ class StreamLIC(CompressionModel):
             mu_q = ep[:, 0::2] / ls
             y_q = y[:, :, h:h + 1] / ls
             row_symbols = fxp.latent_symbols(y_q, mu_q, hw)
-            self.clamped_symbols += (fxp.rshift_round(y_q - mu_q, hw.latent_shift).abs() > fxp.SYMBOL_MAX).sum()
+            self.clamped_symbols += (fxp.symbol_residual(y_q, mu_q, hw).abs() > fxp.SYMBOL_MAX).sum()
             symbols[:, :, h:h + 1] = row_symbols
             padded[:, :, h + 3:h + 4, 1:-1] = fxp.dequantize_latent(row_symbols, mu_q, hw) * ls
             ep_rows.append(ep)
