@@ -4,13 +4,15 @@
   stage's learning rate, writes the stage checkpoints and the stage report.
 - :class:`StageProgressBar` shows the current stage in the progress bar.
 - :class:`NonFiniteGuard` stops the run before a NaN/Inf gradient reaches the weights.
+- :class:`RunRecord` carries the run's config and invocations in every checkpoint.
 """
 
 from .guard import NonFiniteGuard, NonFiniteLossError
 from .progress import StageProgressBar
+from .run_record import RunRecord, invocation, read_run_record
 from .stages import STAGE_CHECKPOINT_NAMES, StageSchedule, StageSpec, parse_schedule, read_finished_stages
 
 __all__ = [
-    "NonFiniteGuard", "NonFiniteLossError", "STAGE_CHECKPOINT_NAMES", "StageProgressBar", "StageSchedule",
-    "StageSpec", "parse_schedule", "read_finished_stages",
+    "NonFiniteGuard", "NonFiniteLossError", "RunRecord", "STAGE_CHECKPOINT_NAMES", "StageProgressBar",
+    "StageSchedule", "StageSpec", "invocation", "parse_schedule", "read_finished_stages", "read_run_record",
 ]

@@ -446,7 +446,7 @@ def save_checkpoint(model, path):
 
 def test_pre_qat_checkpoint_is_refused(tmp_path):
     checkpoint = save_checkpoint(tiny_model("w12a12", "mask"), tmp_path / "stage2-mask.ckpt")
-    args = argparse.Namespace(checkpoint=str(checkpoint), output=str(tmp_path / "out"), image=None)
+    args = argparse.Namespace(checkpoint=str(checkpoint), output=str(tmp_path / "out"), image=None, force=False)
     with pytest.raises(StageError, match="stage 'mask'.*QAT"):
         run_export(args)
     assert not (tmp_path / "out").exists()
@@ -472,3 +472,26 @@ def test_export_command_writes_the_package(tmp_path, caplog):
     early = save_checkpoint(tiny_model("w8a8", "aun"), tmp_path / "stage1-aun.ckpt")
     assert cli.main(["export", str(early), "-o", str(tmp_path / "early")]) == 1
     assert "stage 'aun'" in caplog.text
+
+
+def test_export_refuses_a_used_directory_and_force_replaces_only_its_own_files(tmp_path, caplog):
+    cli = pytest.importorskip("streamlic.cli")
+    first = save_checkpoint(tiny_model("w12a12", "qat"), tmp_path / "first.ckpt")
+    second = save_checkpoint(tiny_model("w12a12", "pdf"), tmp_path / "second.ckpt")
+    image = tmp_path / "photo.png"
+    from PIL import Image
+    Image.fromarray((sample_photos()[2][1][0].permute(1, 2, 0) * 255).round().byte().numpy()).save(image)
+    out = tmp_path / "pkg"
+    assert cli.main(["export", str(first), "-o", str(out), "--image", str(image)]) == 0
+    (out / "notes.txt").write_text("mine")
+    before = (out / "manifest.json").read_text()
+    # without --force nothing is touched
+    assert cli.main(["export", str(second), "-o", str(out)]) == 1
+    assert "not empty" in caplog.text and "--force" in caplog.text
+    assert (out / "manifest.json").read_text() == before
+    # with --force the first export's files go (no stale golden vectors of the other model), the user's stay
+    assert cli.main(["export", str(second), "-o", str(out), "--force"]) == 0
+    assert not (out / "golden").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "pdf" and manifest["golden"] is None

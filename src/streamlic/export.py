@@ -658,18 +658,45 @@ def _corner_case_vectors(integer_model: IntegerModel, height: int, width: int, d
             "unreachable": unreachable, "unreached": unreached}
 
 
-def _check_output_dir(directory: Path) -> None:
+def _prepare_output_dir(directory: Path, force: bool) -> None:
+    """Refuse a non-empty directory unless ``force``; then remove the files a previous export listed.
+
+    Only what an export owns (the files its manifest lists) is removed, so nothing of an
+    earlier model survives next to the new one, and nothing else in the directory is touched.
+    """
     if directory.exists() and not directory.is_dir():
         raise ExportError(f"{directory}: exists and is not a directory")
+    if not directory.exists() or not any(directory.iterdir()):
+        return
+    if not force:
+        raise ExportError(f"{directory}: not empty; choose a new directory or pass --force to replace the "
+                          "export in it")
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        return
+    try:
+        owned = json.loads(manifest_path.read_text()).get("files", {})
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{manifest_path}: not valid JSON ({err}); remove the directory by hand") from err
+    for name in owned:
+        path = (directory / name).resolve()
+        if directory.resolve() in path.parents:  # a manifest cannot make us delete outside the export
+            path.unlink(missing_ok=True)
+    manifest_path.unlink()
+    for folder in sorted({(directory / name).parent for name in owned}, key=lambda p: len(p.parts), reverse=True):
+        while folder != directory and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
 
 
 def export_package(model, out_dir: str | Path, image: Tensor | None = None,
-                   image_name: str | None = None) -> dict[str, Path]:
+                   image_name: str | None = None, force: bool = False) -> dict[str, Path]:
     """Write the hardware package of a QAT-or-later model into ``out_dir``; returns the written paths.
 
     ``image`` [3, H, W] in [0, 1] (any size; padded to a multiple of 64) adds golden vectors.
     Every check (stage, number ranges, block counts, accumulator widths) runs before the
-    first file is written.
+    first file is written. A non-empty ``out_dir`` is refused unless ``force``, which first
+    removes the files of the export already there.
     """
     require_integer_stage(model, "export")
     hw, model_cfg = model.hw, model.model_cfg
@@ -684,7 +711,7 @@ def export_package(model, out_dir: str | Path, image: Tensor | None = None,
     report = hardware_report(params, hw, model_cfg, blocks_per_group, height, width)
 
     directory = Path(out_dir)
-    _check_output_dir(directory)
+    _prepare_output_dir(directory, force)
     directory.mkdir(parents=True, exist_ok=True)
     tables = {"cdf_y": integer_model.cdf_y, "cdf_z": integer_model.cdf_z, "tanh_lut": integer_model.tanh_lut}
     written: dict[str, Path] = {}
@@ -803,6 +830,8 @@ def register_cli(subparsers) -> None:
     parser.add_argument("checkpoint", help="stage checkpoint (.ckpt) or state dict file")
     parser.add_argument("-o", "--output", required=True, help="output directory")
     parser.add_argument("--image", help="image file whose integer tensors become golden test vectors")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the export in a non-empty output directory (files it lists are removed)")
     parser.set_defaults(func=run_export)
 
 
@@ -812,6 +841,7 @@ def run_export(args) -> int:
 
     model = StreamLIC.from_checkpoint(args.checkpoint)
     image = load_image(args.image) if args.image else None
-    written = export_package(model, args.output, image=image, image_name=Path(args.image).name if args.image else None)
+    written = export_package(model, args.output, image=image, image_name=Path(args.image).name if args.image else None,
+                             force=args.force)
     log.info("wrote %d files to %s", len(written), args.output)
     return 0
