@@ -707,9 +707,13 @@ int main(int argc, char **argv)
             layer->out_channels = 2 * m;
             layer->out_groups = 2 * m / dp.block_out;
             layer->index_channels = l == EP;
-            snprintf(path, sizeof path, "context_layers/%s/kernel/1", names[l]);
-            if (manifest != NULL && json_integer(manifest, path, &manifest_value) && manifest_value != 3)
-                fail("manifest.json: %s has kernel width %ld; the engine's layers are 3 wide", names[l], manifest_value);
+            for (i = 0; i < 2; i++) {
+                int expected = i == 0 ? layer->kernel_h : layer->kernel_w;
+                snprintf(path, sizeof path, "context_layers/%s/kernel/%d", names[l], i);
+                if (manifest != NULL && json_integer(manifest, path, &manifest_value) && manifest_value != expected)
+                    fail("manifest.json: %s has kernel %s %ld; the engine's %s is %dx%d", names[l],
+                         i == 0 ? "height" : "width", manifest_value, names[l], layer->kernel_h, layer->kernel_w);
+            }
             require(blocks >= 1 && blocks <= layer->in_buffer_channels / dp.block_in * layer->kernel_w,
                     "blocks per group in [1, taps x input groups]", blocks);
             layer->blocks_per_group = (int)blocks;
