@@ -153,12 +153,13 @@ static int64_t read_int(IntReader *reader, int64_t lo, int64_t hi, const char *w
     return (int64_t)value;
 }
 
-static void reader_close_at_end(IntReader *reader)
+/* The file must end here; `hint` (may be "") is added to the message when it does not. */
+static void reader_close_at_end(IntReader *reader, const char *hint)
 {
     char token[TOKEN_SIZE];
     if (next_token(reader, token))
-        fail("%s: extra integers after the %ld expected (line %ld: '%s')", reader->path, reader->count,
-             reader->token_line, token);
+        fail("%s: extra integers after the %ld expected (line %ld: '%s')%s", reader->path, reader->count,
+             reader->token_line, token, hint);
     fclose(reader->file);
 }
 
@@ -166,18 +167,21 @@ static void reader_close_at_end(IntReader *reader)
 static int32_t *read_tensor(const char *dir, const char *name, long pixels, long channels, int64_t bound)
 {
     IntReader reader;
+    char what[128];
     int32_t *values = checked_calloc((size_t)(pixels * channels), sizeof *values, name);
     long pixel, c;
+    /* a golden set of another size than the manifest's shows here: say how to give it */
+    snprintf(what, sizeof what, "%ld pixels of %ld values; --height/--width give other sizes", pixels, channels);
     reader_open(&reader, dir, name);
     for (pixel = 0; pixel < pixels; pixel++) {
         for (c = 0; c < channels; c++) {
-            values[pixel * channels + c] = (int32_t)read_int(&reader, -bound, bound, "a golden value");
+            values[pixel * channels + c] = (int32_t)read_int(&reader, -bound, bound, what);
             if (reader.token_line != pixel + 1)
                 fail("%s: line %ld: expected %ld values per line (one pixel of (H, W, C) row-major)", reader.path,
                      reader.token_line, channels);
         }
     }
-    reader_close_at_end(&reader);
+    reader_close_at_end(&reader, "; --height/--width give other sizes");
     return values;
 }
 
@@ -438,7 +442,7 @@ static void load_weights(Layer *layers, const Datapath *dp, int64_t weight_max, 
                     block[i] = (int32_t)read_int(&reader, -weight_max, weight_max, what);
             }
     }
-    reader_close_at_end(&reader);
+    reader_close_at_end(&reader, "");
 }
 
 /* scale_params.txt / scale_shifts.txt: ctx1's, ctx2's, ep's output channels in order. */
@@ -455,8 +459,8 @@ static void load_scales(Layer *layers, int multiplier_bits, int shift_bits, cons
             layers[l].multiplier[c] = read_int(&params, 1, ((int64_t)1 << multiplier_bits) - 1, what);
             layers[l].shift[c] = (int32_t)read_int(&shifts, 0, ((int64_t)1 << shift_bits) - 1, what);
         }
-    reader_close_at_end(&params);
-    reader_close_at_end(&shifts);
+    reader_close_at_end(&params, "");
+    reader_close_at_end(&shifts, "");
 }
 
 /* biases.txt: (1) all biases, (2) all block pointers, (3) the symbol bounds. */
@@ -502,7 +506,7 @@ static void load_biases(Layer *layers, const Datapath *dp, int precision_bits, c
         read_int(&reader, SYMBOL_MAX, SYMBOL_MAX, what);
         read_int(&reader, -SYMBOL_MAX, -SYMBOL_MAX, what);
     }
-    reader_close_at_end(&reader);
+    reader_close_at_end(&reader, "");
 }
 
 /* One output row of a layer: only the active blocks, then the requantization of DESIGN §3:
