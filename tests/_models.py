@@ -105,6 +105,19 @@ def tiny_model(hardware: str = "w12a12", stage: str = "qat", model: dict | None 
     return copy.deepcopy(_cached_model(hardware, stage, model_cfg, sparsity_cfg)).eval()
 
 
+def saturating_tiny_model(hardware: str = "w12a12") -> StreamLIC:
+    """The tiny model with ctx2's weights made large before QAT, so that every row-engine clamp can act.
+
+    A briefly trained ctx2 cannot leave +-127 of its +-2047 range whatever its input; the
+    corner-case golden vectors need a model whose ctx2 can saturate.
+    """
+    model = tiny_model(hardware, "mask")
+    with torch.no_grad():
+        model.sparse_layers()["ctx2"].weight.mul_(40)
+    model.toggle_quantization(True)
+    return model
+
+
 def photo(name: str, height: int, width: int) -> torch.Tensor:
     """A centre crop ``[1, 3, height, width]`` of a demo photo (test split first)."""
     images = dict(demo_images())

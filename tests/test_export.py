@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from _models import sample_photos, tiny_model
+from _models import sample_photos, saturating_tiny_model, tiny_model
 from streamlic import fixedpoint as fxp
 from streamlic.export import (STREAM_FILES, ExportError, export_package, export_quantized_parameters,
                               hardware_report, run_export)
@@ -200,12 +200,7 @@ def corner_set(directory, manifest):
 
 @pytest.fixture(scope="module")
 def saturating_model():
-    """The tiny model with ctx2's weights made large before QAT, so that ctx2 can saturate too."""
-    model = tiny_model("w12a12", "mask")
-    with torch.no_grad():
-        model.sparse_layers()["ctx2"].weight.mul_(40)
-    model.toggle_quantization(True)
-    return model
+    return saturating_tiny_model("w12a12")
 
 
 def test_corner_case_vectors_drive_every_clamp_of_the_row_engine(saturating_model, tmp_path):

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from _models import sample_photos, tiny_model
+from _models import sample_photos, saturating_tiny_model, tiny_model
 from streamlic.export import export_package
 
 SOURCE = Path(__file__).resolve().parents[1] / "hw" / "ape_reference.c"
-CASES = (("w12a12", "pdf"), ("w8a8", "qat"))
+# (hardware, stage); "saturating": the tiny model whose ctx2 can saturate (corner-case set hits every clamp)
+CASES = (("w12a12", "pdf"), ("w8a8", "qat"), ("w8a8", "saturating"))
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +41,15 @@ def packages(tmp_path_factory) -> dict[str, Path]:
     exported = {}
     for hardware, stage in CASES:
         directory = tmp_path_factory.mktemp("export") / f"{hardware}-{stage}"
-        export_package(tiny_model(hardware, stage), directory, image=image[0], image_name=name)
-        exported[hardware] = directory
+        model = saturating_tiny_model(hardware) if stage == "saturating" else tiny_model(hardware, stage)
+        export_package(model, directory, image=image[0], image_name=name)
+        exported[f"{hardware}-{stage}"] = directory
     return exported
 
 
-def run_reference(binary: Path, package: Path, out: Path) -> subprocess.CompletedProcess:
+def run_reference(binary: Path, package: Path, out: Path, golden: str = "golden") -> subprocess.CompletedProcess:
     out.mkdir(exist_ok=True)
-    return subprocess.run([str(binary), str(package), str(package / "golden"), str(out)],
+    return subprocess.run([str(binary), str(package), str(package / golden), str(out)],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -57,20 +59,26 @@ def broken_copy(package: Path, tmp_path: Path) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("hardware", [hardware for hardware, _ in CASES])
-def test_c_reference_reproduces_the_golden_symbols_and_pdf_indices(binary, packages, hardware, tmp_path):
-    package = packages[hardware]
-    result = run_reference(binary, package, tmp_path / "out")
+@pytest.mark.parametrize("golden", ["golden", "golden/corner"])
+@pytest.mark.parametrize("case", [f"{hardware}-{stage}" for hardware, stage in CASES])
+def test_c_reference_reproduces_the_golden_symbols_and_pdf_indices(binary, packages, case, golden, tmp_path):
+    """The photo's set and the corner-case set, whose inputs drive the engine's clamps."""
+    package = packages[case]
+    result = run_reference(binary, package, tmp_path / "out", golden)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "symbols        0 of" in result.stdout and "pdf_index      0 of" in result.stdout
     # the same text format as the golden files
     for name in ("symbols.txt", "pdf_index.txt"):
-        assert (tmp_path / "out" / name).read_text() == (package / "golden" / name).read_text()
+        assert (tmp_path / "out" / name).read_text() == (package / golden / name).read_text()
+    if case.endswith("saturating") and golden.endswith("corner"):
+        saturation = json.loads((package / "manifest.json").read_text())["golden"]["corner"]["saturation"]
+        for clamp in ("symbols", "pdf_index", "ctx1", "ctx2", "channel_addition", "ep_mean"):
+            assert min(saturation[clamp].values()) > 0, clamp
 
 
 def test_old_bias_layout_fails(binary, packages, tmp_path):
     """Each layer's pointers right after its own biases (the wrong, old layout) must not pass."""
-    package = broken_copy(packages["w12a12"], tmp_path)
+    package = broken_copy(packages["w12a12-pdf"], tmp_path)
     layers = json.loads((package / "manifest.json").read_text())["context_layers"]
     lines = (package / "biases.txt").read_text().splitlines()  # one bias, pointer pair or bound pair per line
     biases, pointers, at = [], [], 0
@@ -90,7 +98,7 @@ def test_old_bias_layout_fails(binary, packages, tmp_path):
 
 def test_swapped_weight_blocks_give_mismatches(binary, packages, tmp_path):
     """Two blocks of one output group exchanged: the streams load, the numbers differ."""
-    package = broken_copy(packages["w12a12"], tmp_path)
+    package = broken_copy(packages["w12a12-pdf"], tmp_path)
     manifest = json.loads((package / "manifest.json").read_text())
     layers = manifest["context_layers"]
     block_rows = manifest["config"]["hardware"]["block_out"]  # PO rows per block, one line each
@@ -107,7 +115,7 @@ def test_swapped_weight_blocks_give_mismatches(binary, packages, tmp_path):
 @pytest.mark.parametrize("change, message", [(lambda values: values[:-1], "ends early"),
                                              (lambda values: values + ["0"], "extra integers")])
 def test_stream_of_the_wrong_length_is_an_error_naming_the_file(binary, packages, tmp_path, change, message):
-    package = broken_copy(packages["w8a8"], tmp_path)
+    package = broken_copy(packages["w8a8-qat"], tmp_path)
     values = (package / "scale_shifts.txt").read_text().split()
     (package / "scale_shifts.txt").write_text("\n".join(change(values)) + "\n")
     result = run_reference(binary, package, tmp_path / "out")
