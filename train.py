@@ -26,6 +26,8 @@ def quiet_dependencies() -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
     warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck")
+    # a mid-epoch checkpoint resumes exactly: the seeded training loader skips the batches already trained
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
@@ -188,9 +190,8 @@ _ABSENT = object()
 
 def _plain(cfg: DictConfig) -> DictConfig:
     """``cfg`` resolved, without Hydra's own node: the config a run is made of."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("hydra", None)
-    return OmegaConf.create(container)
+    run_keys = [key for key in cfg if key != "hydra"]
+    return OmegaConf.create(OmegaConf.to_container(OmegaConf.masked_copy(cfg, run_keys), resolve=True))
 
 
 def _select(cfg: DictConfig, key: str) -> Any:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from _training import (ROOT, TINY, compose_config, load_train_module, probe_overrides, run_script, run_training,
                        schedule, script_env)
-from callbacks import STAGE_CHECKPOINT_NAMES, NonFiniteLossError, read_finished_stages
+from callbacks import STAGE_CHECKPOINT_NAMES, NonFiniteLossError, read_finished_stages, read_run_record
 from streamlic.config import ConfigError
 from streamlic.data import DataError
 from streamlic.model import STAGES, StreamLIC
@@ -129,8 +129,11 @@ def test_resume_with_ckpt_path_is_bit_identical(tmp_path):
     assert first["stage"] == "mask"
     last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
     assert _checkpoint(last)["global_step"] == 3 * 2
-    resumed = run_training(tmp_path / "resumed", [*base, f"ckpt_path={last}"])
+    # the first invocation stopped at max_epochs=3; a resume may lengthen the run (trainer.max_epochs is resumable)
+    resumed = run_training(tmp_path / "resumed", [f"ckpt_path={last}", "trainer.max_epochs=6",
+                                                  f"paths.output_dir={tmp_path / 'resumed'}"])
     assert resumed["stage"] == "pdf"
+    assert [entry["ckpt_path"] for entry in resumed["invocations"]] == [None, str(last)]
 
     a = _checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     b = _checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
@@ -148,14 +151,18 @@ def test_resume_with_ckpt_path_is_bit_identical(tmp_path):
     assert [row["stage"] for row in report["stages"]] == list(STAGES)
 
 
-@pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_finishes(tmp_path):
-    out = tmp_path / "run"
-    args = [*TINY, *schedule(), "data.repeat=2", "test=false", "checkpoint.every_n_train_steps=1",
-            f"hydra.run.dir={out}", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false"]
+KILLED_RUN = [*TINY, *schedule(), "data.repeat=2", "test=false", "checkpoint.every_n_train_steps=1",
+              "module.lmbda=0.05", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """A run with non-default overrides, SIGKILLed mid-epoch, and the same run left uninterrupted."""
+    root = tmp_path_factory.mktemp("killed")
+    out = root / "run"
     steps_per_epoch = 5  # 10 crops, batch 2
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=script_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *KILLED_RUN, f"hydra.run.dir={out}"], cwd=ROOT,
+                            env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last, killed_at = out / "checkpoints" / "last.ckpt", None
     try:
         deadline = time.monotonic() + 240
@@ -174,13 +181,55 @@ def test_sigkill_mid_epoch_then_resume_finishes(tmp_path):
         proc.wait()
     assert killed_at is not None, "the run finished or stalled before it could be killed mid-epoch"
     assert not (out / "results.json").exists()
+    straight = run_script([*KILLED_RUN, f"hydra.run.dir={root / 'straight'}"], timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    return out, root / "straight", steps_per_epoch
 
-    done = run_script([*args, f"ckpt_path={last}"], timeout=300)
+
+@pytest.mark.slow
+def test_sigkill_then_resume_with_ckpt_path_alone_is_the_same_run(killed_run):
+    out, straight, steps_per_epoch = killed_run
+    last = out / "checkpoints" / "last.ckpt"
+    # a conflicting override is refused in one line that names the key, and nothing changes
+    before = sorted(path.name for path in out.rglob("*"))
+    refused = run_script([f"ckpt_path={last}", "module.lmbda=0.02"], timeout=120)
+    assert refused.returncode == 1
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith("ERROR ") and "module.lmbda" in refused.stderr
+    assert sorted(path.name for path in out.rglob("*")) == before
+
+    done = run_script([f"ckpt_path={last}"], timeout=300)  # nothing else: model, lambda, data come from the run
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "finished" and results["stage"] == "pdf"
-    assert (out / "checkpoints" / STAGE_CHECKPOINT_NAMES["pdf"]).is_file()
     assert _checkpoint(last)["global_step"] == 5 * steps_per_epoch
+    # the same config and the same weights as the uninterrupted run
+    resumed_record = read_run_record(_checkpoint(last))
+    straight_record = read_run_record(_checkpoint(straight / "checkpoints" / "last.ckpt"))
+    assert resumed_record["config"]["module"]["lmbda"] == 0.05
+
+    def run_config(record, run_dir):  # the config with this run's directory named alike
+        return json.loads(json.dumps({**record["config"], "ckpt_path": None}).replace(str(run_dir), "RUN"))
+
+    assert run_config(resumed_record, out) == run_config(straight_record, straight)
+    assert _model_state(last).keys() == _model_state(straight / "checkpoints" / "last.ckpt").keys()
+    different = [k for k, v in _model_state(last).items()
+                 if not torch.equal(v, _model_state(straight / "checkpoints" / "last.ckpt")[k])]
+    assert not different, f"resumed run differs in {different[:5]}"
+    # the record keeps both invocations: Hydra's original files and the resume's, and both in results.json
+    assert "module.lmbda=0.05" in (out / ".hydra" / "overrides.yaml").read_text()
+    assert f"ckpt_path={last}" in (out / ".hydra" / "resume-1" / "overrides.yaml").read_text()
+    assert [entry["ckpt_path"] for entry in results["invocations"]] == [None, str(last)]
+    assert "module.lmbda=0.05" in results["invocations"][0]["overrides"]
+
+
+def test_bad_data_folder_is_one_error_line_and_leaves_nothing(tmp_path):
+    done = run_script(["data=folder", "data.train_dir=/nonexistent", "data.val_dir=/nonexistent"], timeout=120,
+                      cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "ERROR data folder /nonexistent does not exist or is not a directory"], done.stderr
+    assert list(tmp_path.iterdir()) == [], "a run that never trained left files behind"
 
 
 @pytest.mark.slow

@@ -13,7 +13,9 @@ Data sources:
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -336,6 +338,25 @@ class EpochSeededSampler(Sampler):
             yield self.epoch, index
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose first pass starts ``skip_batches`` batches in.
+
+    A run resumed from a checkpoint written mid-epoch has already trained on the first batches
+    of that epoch; with a seeded order they are the same batches, so skipping them continues
+    the epoch exactly where the interrupted run stood. The skip is an ``__init__`` argument
+    so that it survives Lightning re-creating the loader (distributed samplers).
+    """
+
+    def __init__(self, *args, skip_batches: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_batches = skip_batches
+
+    def __iter__(self):
+        skip, self.skip_batches = self.skip_batches, 0
+        # lazy: the sampler reads its epoch (set by Lightning after iter()) at the first batch
+        return itertools.islice(super().__iter__(), skip, None)
+
+
 class StreamLICDataModule(L.LightningDataModule):
     """Train/val/test data for StreamLIC from the demo photos or from image folders.
 
@@ -436,8 +457,8 @@ class StreamLICDataModule(L.LightningDataModule):
             raise DataError(f"the {split} set is not built; call setup() for its stage first")
         return dataset
 
-    def _loader(self, dataset: ImageListDataset, **kwargs) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: ImageListDataset, loader_class: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
+        return loader_class(
             dataset,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -450,7 +471,24 @@ class StreamLICDataModule(L.LightningDataModule):
         if self.seed is None:
             return self._loader(dataset, batch_size=self.batch_size, shuffle=True)
         sampler = EpochSeededSampler(len(dataset), self.seed)
-        return self._loader(dataset, batch_size=self.batch_size, sampler=sampler)
+        skip = self._batches_already_trained(math.ceil(len(dataset) / self.batch_size))
+        return self._loader(dataset, ResumableDataLoader, batch_size=self.batch_size, sampler=sampler,
+                            skip_batches=skip)
+
+    def _batches_already_trained(self, batches_per_epoch: int) -> int:
+        """Batches of the current epoch that a run resumed mid-epoch has trained (0 otherwise)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        limit = trainer.limit_train_batches
+        if limit is not None:
+            batches_per_epoch = min(batches_per_epoch, limit) if isinstance(limit, int) else int(batches_per_epoch * limit)
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if 0 < done < batches_per_epoch:
+            logger.info("resuming mid-epoch: skipping the %d batches of epoch %d already trained", done,
+                     trainer.current_epoch)
+            return done
+        return 0
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._built(self.val_dataset, "val"), batch_size=self.val_batch_size, shuffle=False)

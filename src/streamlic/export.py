@@ -530,7 +530,32 @@ def _golden_vectors(integer_model: IntegerModel, image: Tensor, directory: Path)
             "corner": corner}
 
 
-def _saturating_rows(integer_model: IntegerModel, channel: int, sign: int) -> Tensor:
+def worst_case_outputs(integer_model: IntegerModel) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per output channel, the lowest and highest value before the clamp of each row-engine layer.
+
+    Over every input in range: ctx1 reads latents in the activation range, ctx2 and ep read
+    a LeakyReLU output in ``[leaky(-act), act]``. Keys: ``ctx1``, ``ctx2``, ``ep_mean`` (ep's
+    even channels) and ``pdf_index`` (its odd channels).
+    """
+    act = integer_model.hw.act_max
+    after_leaky = int(fxp.leaky_relu(torch.tensor(-act)))
+    input_ranges = {"ctx1": (-act, act), "ctx2": (after_leaky, act), "ep": (after_leaky, act)}
+    outputs = {}
+    for short, (in_lo, in_hi) in input_ranges.items():
+        layer = integer_model.context[short]
+        positive, negative = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
+        acc_hi = (positive * in_hi + negative * in_lo).sum(dim=(1, 2, 3))
+        acc_lo = (positive * in_lo + negative * in_hi).sum(dim=(1, 2, 3))
+        lo, hi = (layer.requantize(acc.to(torch.int64).view(1, -1, 1, 1), clamped=False).view(-1)
+                  for acc in (acc_lo, acc_hi))
+        if short == "ep":
+            outputs["ep_mean"], outputs["pdf_index"] = (lo[0::2], hi[0::2]), (lo[1::2], hi[1::2])
+        else:
+            outputs[short] = (lo, hi)
+    return outputs
+
+
+def _aimed_latent_rows(integer_model: IntegerModel, channel: int, sign: int) -> Tensor:
     """Three latent rows [M, 3] that push ctx2's output ``channel`` towards ``sign`` (+1 or -1).
 
     Linear ascent through ctx1: each ctx1 channel is wanted with the sign of its total weight
@@ -543,19 +568,36 @@ def _saturating_rows(integer_model: IntegerModel, channel: int, sign: int) -> Te
     return torch.where(drive >= 0, 1, -1) * fxp.latent_bound(integer_model.hw)
 
 
+def _aimed_hyper_row(integer_model: IntegerModel, channel: int, sign: int) -> Tensor:
+    """A full-scale hyper output row [2M] that pushes ep's output ``channel`` towards ``sign``.
+
+    The hyper output enters the channel addition directly, so each of ep's input channels
+    can be set to the sign of its total weight in ``channel``.
+    """
+    wanted = sign * integer_model.context["ep"].weight[channel].sum(dim=(1, 2))
+    return torch.where(wanted >= 0, 1, -1) * integer_model.hw.act_max
+
+
 # One corner-case cycle: (pattern, rows). Full-scale inputs are far outside what a trained
-# model sees, so ctx1, the channel addition and ep saturate both ways, and latents far from
-# their means give symbols at +-127; ctx2, whose input is ctx1 after the LeakyReLU, needs
-# inputs aimed at one of its channels.
+# model sees, so ctx1 and the channel addition saturate both ways, and latents far from their
+# means give symbols at +-127. ctx2 (which reads ctx1 after the LeakyReLU) and ep (which reads
+# the channel addition after it) need inputs aimed at one output channel: "<clamp>:<side>"
+# aims at a channel whose worst case lies furthest beyond that side of the clamp.
 CORNER_CYCLE = (("signs", 1), ("high", 1), ("low", 1), ("uniform", 1), ("alternating", 1),
-                ("ctx2_high", 3), ("ctx2_low", 3), ("zeros", 1))
+                ("ctx2:above", 3), ("ctx2:below", 3), ("ep_mean:above", 1), ("ep_mean:below", 1),
+                ("pdf_index:above", 1), ("zeros", 1))
+AIM_CANDIDATES = 8  # the seed picks the aimed channel among this many most promising ones
 
 
 def corner_case_inputs(integer_model: IntegerModel, height: int, width: int,
                        seed: int) -> tuple[Tensor, Tensor]:
-    """A latent ``y`` and hyper output [1, C, height, width] that drive the row engine into its clamps."""
+    """A latent ``y`` and hyper output [1, C, height, width] that drive the row engine into its clamps.
+
+    The rows follow :data:`CORNER_CYCLE`; ``seed`` draws the random values and aimed channels.
+    """
     hw, m = integer_model.hw, integer_model.M
     y_max, act = fxp.latent_bound(hw), hw.act_max
+    worst = worst_case_outputs(integer_model)
     generator = torch.Generator().manual_seed(seed)
     y = torch.zeros(1, m, height, width, dtype=torch.int64)
     hyper = torch.zeros(1, 2 * m, height, width, dtype=torch.int64)
@@ -565,6 +607,15 @@ def corner_case_inputs(integer_model: IntegerModel, height: int, width: int,
 
     def uniform(channels: int, bound: int) -> Tensor:
         return torch.randint(-bound, bound + 1, (channels, 1, width), generator=generator)
+
+    def aimed_channel(clamp: str, side: str) -> tuple[int, int]:
+        """(output channel of the layer, sign) among the channels most likely to pass ``side``."""
+        lo, hi = worst[clamp]
+        order = torch.argsort(hi if side == "above" else lo, descending=side == "above")
+        pick = order[int(torch.randint(0, min(AIM_CANDIDATES, len(order)), (1,), generator=generator))]
+        if clamp in ("ep_mean", "pdf_index"):  # ep's even / odd channels
+            pick = 2 * pick + (clamp == "pdf_index")
+        return int(pick), 1 if side == "above" else -1
 
     alternating = (torch.arange(2 * m).remainder(2) * 2 - 1).view(-1, 1, 1)
     schedule = [name for name, rows in CORNER_CYCLE for _ in range(rows)]
@@ -581,42 +632,19 @@ def corner_case_inputs(integer_model: IntegerModel, height: int, width: int,
             y[0, :, rows], hyper[0, :, rows] = uniform(m, y_max), uniform(2 * m, act)
         elif pattern == "alternating":
             y[0, :, rows], hyper[0, :, rows] = alternating[:m] * y_max, -alternating * act
-        elif pattern.startswith("ctx2_"):
+        elif pattern.startswith("ctx2:"):
             # three rows of aimed latents; the row after them reads them as its context
-            channel = int(torch.randint(0, 2 * m, (1,), generator=generator))
-            block = _saturating_rows(integer_model, channel, 1 if pattern == "ctx2_high" else -1)
+            block = _aimed_latent_rows(integer_model, *aimed_channel(*pattern.split(":")))
             rows = slice(h, min(h + 3, height))
             y[0, :, rows] = block[:, :rows.stop - h, None]
             hyper[0, :, rows] = uniform(2 * m, act)
             h = rows.stop
             continue
+        elif pattern != "zeros":  # ep_mean / pdf_index, aimed through this row's hyper output
+            row = _aimed_hyper_row(integer_model, *aimed_channel(*pattern.split(":")))
+            y[0, :, rows], hyper[0, :, rows] = uniform(m, y_max), row[:, None, None]
         h += 1
     return y, hyper
-
-
-def _clamp_reach(integer_model: IntegerModel) -> dict[str, tuple[int, int]]:
-    """Worst-case (lowest, highest) value before the clamp of each context layer, over all inputs in range.
-
-    A clamp whose worst case stays inside it can never act for this model: its saturation
-    cannot be tested with any input, and the manifest says so instead of counting zero.
-    """
-    act = integer_model.hw.act_max
-    after_leaky = int(fxp.leaky_relu(torch.tensor(-act)))
-    input_ranges = {"ctx1": (-act, act), "ctx2": (after_leaky, act), "ep": (after_leaky, act)}
-    reach = {}
-    for short, (in_lo, in_hi) in input_ranges.items():
-        layer = integer_model.context[short]
-        positive, negative = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
-        acc_hi = (positive * in_hi + negative * in_lo).sum(dim=(1, 2, 3))
-        acc_lo = (positive * in_lo + negative * in_hi).sum(dim=(1, 2, 3))
-        hi = layer.requantize(acc_hi.to(torch.int64).view(1, -1, 1, 1), clamped=False).view(-1)
-        lo = layer.requantize(acc_lo.to(torch.int64).view(1, -1, 1, 1), clamped=False).view(-1)
-        if short == "ep":
-            reach["ep_mean"] = (int(lo[0::2].min()), int(hi[0::2].max()))
-            reach["pdf_index"] = (int(lo[1::2].min()), int(hi[1::2].max()))
-        else:
-            reach[short] = (int(lo.min()), int(hi.max()))
-    return reach
 
 
 def _corner_case_vectors(integer_model: IntegerModel, height: int, width: int, directory: Path) -> dict[str, Any]:
@@ -629,9 +657,9 @@ def _corner_case_vectors(integer_model: IntegerModel, height: int, width: int, d
     act = integer_model.hw.act_max
     bounds = {"pdf_index": (0, fxp.SCALE_LEVELS - 1)}
     unreachable = []
-    for name, (lowest, highest) in _clamp_reach(integer_model).items():
+    for name, (lowest, highest) in worst_case_outputs(integer_model).items():
         lo, hi = bounds.get(name, (-act, act))
-        unreachable += [f"{name}.below"] * (lowest >= lo) + [f"{name}.above"] * (highest <= hi)
+        unreachable += [f"{name}.below"] * (int(lowest.min()) >= lo) + [f"{name}.above"] * (int(highest.max()) <= hi)
     wanted = [f"{name}.{side}" for name in CORNER_CLAMPS for side in ("below", "above")
               if f"{name}.{side}" not in unreachable]
     best = None
