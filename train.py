@@ -260,9 +260,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info("resuming with the run's stored config (invocation %d of this run)", len(invocations))
     else:
         cfg = _plain(cfg)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: no value given; set {'it' if len(missing) == 1 else 'them'} on "
+                          f"the command line ({missing[0]}=...)")
     parse_schedule(cfg.schedule.stages)  # schedule and launcher errors before anything is built
     check_launcher(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg)
     start_stage = load_init_checkpoint(model, cfg.init_from) if cfg.init_from else STAGES[0]
     datamodule = _instantiate(cfg.data)
@@ -324,11 +328,14 @@ def _discard_unstarted_run(output_dir: Path, resumed: bool) -> None:
     shutil.rmtree(output_dir / hydra_cfg.output_subdir, ignore_errors=True)
     if not resumed:
         (output_dir / f"{hydra_cfg.job.name}.log").unlink(missing_ok=True)
-    for folder in (output_dir, output_dir.parent):
+    cwd = Path.cwd().resolve()
+    folder = output_dir.resolve()
+    while folder == output_dir.resolve() or cwd in folder.parents:  # Hydra's outputs/<date>/<time> below the cwd
         try:
             folder.rmdir()  # only when empty
         except OSError:
             break
+        folder = folder.parent
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import shutil
@@ -12,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from _models import sample_photos, saturating_tiny_model, tiny_model
+from _models import rd_loss, sample_photos, saturating_tiny_model, tiny_model, training_batches
 from streamlic import fixedpoint as fxp
 from streamlic.export import (STREAM_FILES, ExportError, export_package, export_quantized_parameters,
                               hardware_report, run_export)
-from streamlic.integer_model import IntegerModel, StageError, pad_to_multiple
+from streamlic.integer_model import IntegerModel, StageError, compare_with_qat, pad_to_multiple
 from streamlic.layers import FGPConv2d
 
 PI = PO = 12
@@ -411,12 +412,37 @@ def test_accumulator_wider_than_the_hardware_names_the_layer(qat_model):
 
 # ---------------------------------------------------------------------------- range errors
 
-def test_bias_beyond_16_bits_names_the_layer():
+def test_bias_pushed_beyond_16_bits_is_held_in_range_by_the_qat_forward():
     model = tiny_model("w12a12", "qat")
     with torch.no_grad():
         model.g_a[2].bias[3] = 1e3  # 2**4 * 1000 / s_out is far beyond 16 bits
-    with pytest.raises(fxp.FixedPointError, match=r"g_a\.2: bias .* \(channel 3\) exceeds the 16-bit range"):
-        export_quantized_parameters(model)
+        model.g_s[3].gain.bias[2] = 1e3  # the LAGC gain bias (beta) too
+    params = export_quantized_parameters(model)
+    assert int(params["g_a.2"]["bias"][3]) == 2**15 - 1
+    assert int(params["g_s.3"]["score_bias"][2]) == 2**15 - 1
+    # the QAT forward computes with the same clamped integers
+    assert compare_with_qat(model, sample_photos()[0][1]).exact
+
+
+@pytest.mark.parametrize("hardware", ["w12a12", "w8a8"])
+def test_every_qat_state_exports_even_under_a_high_learning_rate(hardware, tmp_path):
+    """Property: from QAT on, whatever a few wild optimizer steps do, the model stays exportable."""
+    for seed in range(3):
+        model = copy.deepcopy(tiny_model(hardware, "mask"))
+        torch.manual_seed(seed)
+        with torch.no_grad():  # a random model: every weight and bias perturbed
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * parameter.abs().mean().clamp(min=1e-3))
+        model.toggle_quantization(True)
+        model.train()
+        params = [p for name, p in model.named_parameters() if p.requires_grad and not name.endswith("quantiles")]
+        optimizer = torch.optim.Adam(params, lr=0.5)
+        for step, x in enumerate(training_batches(3, batch=2, seed=seed)):
+            optimizer.zero_grad()
+            rd_loss(model, x).backward()
+            optimizer.step()
+            export_package(model.eval(), tmp_path / f"{hardware}-{seed}-{step}")
+            model.train()
 
 
 def test_multiplier_out_of_range_names_the_layer(tmp_path):

@@ -223,12 +223,16 @@ def test_sigkill_then_resume_with_ckpt_path_alone_is_the_same_run(killed_run):
     assert "module.lmbda=0.05" in results["invocations"][0]["overrides"]
 
 
-def test_bad_data_folder_is_one_error_line_and_leaves_nothing(tmp_path):
-    done = run_script(["data=folder", "data.train_dir=/nonexistent", "data.val_dir=/nonexistent"], timeout=120,
-                      cwd=tmp_path)
+@pytest.mark.parametrize("overrides, error", [
+    (["data=folder", "data.train_dir=/nonexistent"],
+     "ERROR data.test_dir, data.val_dir: no value given; set them on the command line (data.test_dir=...)"),
+    (["data=folder", "data.train_dir=/nonexistent", "data.val_dir=/nonexistent", "data.test_dir=/nonexistent"],
+     "ERROR data folder /nonexistent does not exist or is not a directory"),
+])
+def test_bad_data_folder_is_one_error_line_and_leaves_nothing(tmp_path, overrides, error):
+    done = run_script(overrides, timeout=120, cwd=tmp_path)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [
-        "ERROR data folder /nonexistent does not exist or is not a directory"], done.stderr
+    assert done.stderr.strip().splitlines() == [error], done.stderr
     assert list(tmp_path.iterdir()) == [], "a run that never trained left files behind"
 
 

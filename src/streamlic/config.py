@@ -67,6 +67,11 @@ class HardwareConfig:
         return 2 ** (self.weight_bits - 1) - 1
 
     @property
+    def bias_max(self) -> int:
+        """Biases are added at the P-bit intermediate precision."""
+        return 2 ** (self.precision_bits - 1) - 1
+
+    @property
     def multiplier_max(self) -> int:
         return 2**self.multiplier_bits - 1
 
@@ -117,13 +122,25 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}={value!r}: must be a positive integer")
 
     def validate_against(self, hw: HardwareConfig) -> None:
-        """The block-sparse context layers tile M and 2M into PI x PO blocks."""
+        """The block-sparse context layers tile M and 2M into PI x PO blocks, and no sum can overflow.
+
+        Weights are clamped to +-(2**(W-1) - 1) and inputs to the activation range, so the
+        widest layer's worst-case accumulator is known before training: a config whose
+        accumulator cannot hold it is refused here rather than at export.
+        """
         for key, channels in (("M", self.M), ("2*M", 2 * self.M)):
             if channels % hw.block_in or channels % hw.block_out:
                 raise ConfigError(
                     f"model.M={self.M}: {key}={channels} must be a multiple of "
                     f"hardware.block_in={hw.block_in} and hardware.block_out={hw.block_out}"
                 )
+        # 4x4 analysis convolutions read c3 (g_a) and M (h_a) channels: the widest fan-in of the network
+        fan_in = 16 * max(self.c3, self.M)
+        worst = fan_in * hw.weight_max * hw.act_max
+        if worst.bit_length() + 1 > hw.accumulator_bits:
+            raise ConfigError(
+                f"hardware.accumulator_bits={hw.accumulator_bits}: a 4x4 convolution over "
+                f"{max(self.c3, self.M)} channels can sum to {worst} (needs {worst.bit_length() + 1} bits)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

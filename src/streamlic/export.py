@@ -126,7 +126,7 @@ def _check_masked_weights(layer: str, weight: Tensor, mask: Tensor) -> None:
 
 
 def _check_ranges(layer: str, params: dict[str, Tensor], hw: HardwareConfig) -> None:
-    bias_max = 2 ** (hw.precision_bits - 1) - 1
+    bias_max = hw.bias_max
     for key in BIAS_KEYS:
         if key in params and bool((params[key].abs() > bias_max).any()):
             channel = int((params[key].abs() > bias_max).nonzero()[0, 0])

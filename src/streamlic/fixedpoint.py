@@ -68,7 +68,7 @@ def to_multiplier(factor: Tensor, hw: HardwareConfig, layer: str, check: bool = 
     f = torch.as_tensor(factor, dtype=torch.float64)
     limit = float(hw.multiplier_max)
     if not check:
-        f = torch.clamp(torch.nan_to_num(f, nan=1.0), 2.0**-hw.shift_max, limit - 1)
+        f = representable_factor(torch.nan_to_num(f, nan=1.0), hw)
     bad = ~torch.isfinite(f) | (f <= 0) | (f >= limit)
     if check and bool(bad.any()):
         index = int(bad.nonzero()[0, 0]) if f.dim() else 0
@@ -83,6 +83,15 @@ def to_multiplier(factor: Tensor, hw: HardwareConfig, layer: str, check: bool = 
     k = torch.clamp(k, 0, hw.shift_max)
     m = torch.round(torch.ldexp(f, k))
     return m, k
+
+
+def representable_factor(factor: Tensor, hw: HardwareConfig) -> Tensor:
+    """``factor`` clamped to what a multiplier and shift can hold: ``[2**-shift_max, 2**multiplier_bits - 2]``.
+
+    For the one multiplier that follows a trained parameter during QAT (the LAGC gain, from
+    gamma), in the forward and the export alike.
+    """
+    return torch.clamp(factor, 2.0**-hw.shift_max, float(hw.multiplier_max) - 1)
 
 
 def min_output_range(factor_times_out_scale: Tensor, hw: HardwareConfig) -> Tensor:
@@ -120,12 +129,21 @@ def requantize(acc: Tensor, m: Tensor, k: Tensor, bias: Tensor | None, hw: Hardw
     return v.clamp_(lo, hi)
 
 
+def clamp_bias(b_q: Tensor, hw: HardwareConfig) -> Tensor:
+    """A bias integer held in the P-bit range the hardware stores it in.
+
+    Applied in the QAT forward itself, so a bias that training pushes outward stops at the
+    range (no gradient beyond it) and every QAT checkpoint exports what it computed.
+    """
+    return torch.clamp(b_q, -hw.bias_max, hw.bias_max)
+
+
 def quantize_bias(bias: Tensor, out_scale: Tensor | float, hw: HardwareConfig, rounding=torch.round) -> Tensor:
-    """``b_q = round(2**r * b / s_out)``: the bias added at the residual precision.
+    """``b_q = clamp(round(2**r * b / s_out), +-(2**(P-1) - 1))``: the bias added at the residual precision.
 
     ``rounding`` lets QAT pass a straight-through rounding with the same forward value.
     """
-    return rounding(bias * (2.0**hw.residual_bits) / out_scale)
+    return clamp_bias(rounding(bias * (2.0**hw.residual_bits) / out_scale), hw)
 
 
 def weight_scale(weight_absmax: Tensor, hw: HardwareConfig) -> Tensor:
@@ -251,8 +269,8 @@ def scale_index_factor(factor: Tensor, out_scale: Tensor | float) -> Tensor:
 
 
 def scale_index_bias(bias: Tensor, hw: HardwareConfig, rounding=torch.round) -> Tensor:
-    """Folded integer bias of the odd channels: ``round(2**r * (16 b / 3 + 37))``."""
-    return rounding((bias * INDEX_PER_V + INDEX_OFFSET) * 2.0**hw.residual_bits)
+    """Folded integer bias of the odd channels: ``round(2**r * (16 b / 3 + 37))``, P-bit clamped."""
+    return clamp_bias(rounding((bias * INDEX_PER_V + INDEX_OFFSET) * 2.0**hw.residual_bits), hw)
 
 
 def scale_index_from_v(v: Tensor) -> Tensor:

@@ -435,10 +435,17 @@ class LAGC(QuantLayer):
         return (2.0**self.hw.residual_bits) * gamma.abs() * self.tanh_out_scale / gain_scale
 
     def _gain_multiplier(self, check: bool = True) -> tuple[Tensor, Tensor]:
-        """``(m_g, k_g)`` of the gain factor formed in float64, whatever the training precision."""
+        """``(m_g, k_g)`` of the gain factor formed in float64, whatever the training precision.
+
+        gamma trains during QAT, so its factor is held representable (the same clamp in the
+        forward and the export); ``check`` only catches a non-finite gamma.
+        """
         gamma, _ = self._gamma_beta()
         factor = self._gain_factor(gamma.detach().double(), self.gain_scale.double())
-        return fxp.to_multiplier(factor, self.hw, f"{self.layer_name}.gain", check=check)
+        if not check:  # the hot path: no host sync; to_multiplier clamps the same way
+            return fxp.to_multiplier(factor, self.hw, f"{self.layer_name}.gain", check=False)
+        factor = torch.where(torch.isfinite(factor), fxp.representable_factor(factor, self.hw), factor)
+        return fxp.to_multiplier(factor, self.hw, f"{self.layer_name}.gain", check=True)
 
     def integer_params(self) -> dict[str, Tensor]:
         """The hardware's integers; the gain path ("score" in the research code's names) is ``score_*``."""
