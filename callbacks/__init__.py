@@ -10,9 +10,10 @@
 from .guard import NonFiniteGuard, NonFiniteLossError
 from .progress import StageProgressBar
 from .run_record import RunRecord, invocation, read_run_record
-from .stages import STAGE_CHECKPOINT_NAMES, StageSchedule, StageSpec, parse_schedule, read_finished_stages
+from .stages import (STAGE_CHECKPOINT_KEY, STAGE_CHECKPOINT_NAMES, StageSchedule, StageSpec, parse_schedule,
+                     read_finished_stages)
 
 __all__ = [
-    "NonFiniteGuard", "NonFiniteLossError", "RunRecord", "STAGE_CHECKPOINT_NAMES", "StageProgressBar",
-    "StageSchedule", "StageSpec", "invocation", "parse_schedule", "read_finished_stages", "read_run_record",
+    "NonFiniteGuard", "NonFiniteLossError", "RunRecord", "STAGE_CHECKPOINT_KEY", "STAGE_CHECKPOINT_NAMES",
+    "StageProgressBar", "StageSchedule", "StageSpec", "invocation", "parse_schedule", "read_finished_stages", "read_run_record",
 ]

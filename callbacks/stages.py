@@ -38,6 +38,7 @@ from streamlic.model import STAGES, StreamLIC
 log = logging.getLogger(__name__)
 
 STAGE_CHECKPOINT_NAMES = {stage: f"stage{number}-{stage}.ckpt" for number, stage in enumerate(STAGES, start=1)}
+STAGE_CHECKPOINT_KEY = "streamlic_stage_checkpoint"  # marks a checkpoint saved without optimizer state
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class StageSchedule(Callback):
         self.finished: list[str] = []
         self.report: dict[str, dict[str, Any]] = {}
         self._max_epochs_shifted = False
+        self._writing_stage_checkpoint = False
         self._reported: list[dict[str, Any]] | None = None  # rows as last logged
 
     # ------------------------------------------------------------------ state
@@ -203,8 +205,20 @@ class StageSchedule(Callback):
         path = self.checkpoint_dir / STAGE_CHECKPOINT_NAMES[name]
         row.update(end_epoch=epoch, end=self._evaluate(trainer, pl_module), checkpoint=str(path))
         self.finished.append(name)  # before saving: the checkpoint records that its stage is finished
-        trainer.save_checkpoint(path, weights_only=False)
+        self._writing_stage_checkpoint = True
+        try:
+            trainer.save_checkpoint(path, weights_only=False)
+        finally:
+            self._writing_stage_checkpoint = False
         self.write_report(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._writing_stage_checkpoint:
+            # a stage checkpoint starts new runs (init_from) and exports, which need the model and the
+            # callbacks' record but not the optimizer: without it it is 40 % of a resumable checkpoint
+            checkpoint.pop("optimizer_states", None)
+            checkpoint.pop("lr_schedulers", None)
+            checkpoint[STAGE_CHECKPOINT_KEY] = True
 
     # ------------------------------------------------------------------ report
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:

@@ -70,7 +70,14 @@ def test_five_stages_write_checkpoints_report_and_results(five_stage_run):
         assert state["state_dict"]["model._extra_state"] is not None
         assert StreamLIC.from_checkpoint(path).stage == stage  # the stage travels in the checkpoint
         assert read_finished_stages(state)[-1] == stage
+        assert "optimizer_states" not in state  # a stage checkpoint starts runs; last.ckpt resumes them
+        assert read_run_record(state)["config"]["model"]["M"] == 24
     assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert "optimizer_states" in _checkpoint(out / "checkpoints" / "last.ckpt")
+    assert not list((out / "checkpoints").glob("epoch*.ckpt"))  # epoch checkpoints only on request
+    # a stage checkpoint cannot resume: one clear error before anything is built
+    with pytest.raises(ValueError, match="stage checkpoint.*last.ckpt.*init_from"):
+        run_training(out / "resume", [f"ckpt_path={out / 'checkpoints' / STAGE_CHECKPOINT_NAMES['qat']}"])
 
     report = json.loads((out / "stage_report.json").read_text())
     assert [row["stage"] for row in report["stages"]] == list(STAGES)

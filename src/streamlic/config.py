@@ -173,9 +173,13 @@ class SparsityConfig:
         if self.group_lasso < 0:
             raise ConfigError(f"sparsity.group_lasso={self.group_lasso}: must be >= 0")
 
+    def requested_density(self, layer: str) -> float | None:
+        """The density asked for ``layer`` (per layer, else global; ``None``: the paper's group numbers)."""
+        return dict(self.layers).get(layer, self.density)
+
     def group_num(self, layer: str, in_channels: int, block_in: int) -> int:
         """Kept blocks per tap and output group: max(1, round(density * C_in / PI))."""
-        density = dict(self.layers).get(layer, self.density)
+        density = self.requested_density(layer)
         if density is None:
             return DEFAULT_GROUP_NUM[layer]
         return max(1, round(density * in_channels / block_in))

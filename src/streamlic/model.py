@@ -86,6 +86,7 @@ class StreamLIC(CompressionModel):
             FGPConv2d(2 * M, 2 * M, (1, 3), (0, 1), hw=hw, fixed_scale=ls,
                       group_num=sp.group_num("ep", 2 * M, pi), pdf_index=True),
         )
+        self._report_density_rounding()
         self.entropy_bottleneck = EntropyBottleneck(N)
         self.gaussian_conditional = GaussianConditional(None, scale_bound=2.0**fxp.LOG2_SIGMA_MIN)
         self.rectified_cdf_y = RectifiedPDF(fxp.SCALE_LEVELS)
@@ -118,6 +119,17 @@ class StreamLIC(CompressionModel):
     def sparse_layers(self) -> dict[str, FGPConv2d]:
         return {"ctx1": self.context_prediction[1], "ctx2": self.context_prediction[3],
                 "ep": self.entropy_parameters[2]}
+
+    def _report_density_rounding(self) -> None:
+        """Warn (once, at construction) where the block grid turns a requested density into another one."""
+        for name, layer in self.sparse_layers().items():
+            requested = self.sparsity_cfg.requested_density(name)
+            achieved = layer.blocks_per_group / (layer.kernel_size[0] * layer.kernel_size[1] * layer.in_groups)
+            if requested is not None and abs(achieved - requested) > 1e-9:
+                key = f"sparsity.layers.{name}" if name in self.sparsity_cfg.layers else "sparsity.density"
+                log.warning("%s=%g: %s keeps %d of %d input groups per tap and output group, density %.4g "
+                            "(the nearest the %d-channel blocks allow)", key, requested, name, layer.group_num,
+                            layer.in_groups, achieved, layer.block_in)
 
     def input_scales(self) -> dict[str, float]:
         """Scale of the integers entering each sub-network (DESIGN §3)."""
@@ -181,10 +193,12 @@ class StreamLIC(CompressionModel):
             return
         if self.scales_frozen:
             raise RuntimeError("set_all_mask: masks must be set before quantization scales are frozen")
-        for layer in self.sparse_layers().values():
+        for name, layer in self.sparse_layers().items():
             layer.set_mask()
+            total = layer.kernel_size[0] * layer.kernel_size[1] * layer.in_groups
+            log.info("%s: block mask cut, %d of %d blocks per output group kept (density %.4g)", name,
+                     layer.blocks_per_group, total, layer.blocks_per_group / total)
         self.masks_set = True
-        log.info("block-sparsity masks set")
 
     def fix_encoder_flag(self, flag: bool = True) -> None:
         self.encoder_fixed = bool(flag)
