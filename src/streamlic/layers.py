@@ -135,6 +135,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("act_absmax", torch.tensor(initial))
         self.register_buffer("act_momentum", torch.tensor(MOMENTUM_START / MOMENTUM_GROWTH))
         self.register_buffer("in_scale", torch.tensor(1.0))
+        self.raised_range: tuple[float, float] | None = None
         self._integer_cache: dict[str, tuple] = {}
 
     def _reuse(self, name: str, compute, *sources):
@@ -182,10 +183,12 @@ class QuantLayer(nn.Module):
         self.act_momentum.copy_(momentum)
 
     def _raise_range_to(self, floor: Tensor) -> None:
-        """Widen a learned activation range that is too narrow for a 16-bit multiplier."""
+        """Widen a learned activation range that is too narrow for a 16-bit multiplier.
+
+        Records ``(old, new)`` in ``raised_range`` for the model's one summary line.
+        """
         if self.fixed_scale is None and bool(self.act_absmax < floor):
-            log.warning("%s: activation range %.3g raised to %.3g so its multiplier fits %d bits",
-                        self.layer_name, float(self.act_absmax), float(floor), self.hw.multiplier_bits)
+            self.raised_range = (float(self.act_absmax), float(floor))
             self.act_absmax.copy_(floor)
 
     def freeze(self, in_scale: Tensor | float) -> Tensor:

@@ -171,12 +171,23 @@ class StreamLIC(CompressionModel):
     def toggle_quantization(self, flag: bool = True) -> None:
         """Switch fake-quant on (freezing weight/activation scales the first time) or off."""
         if flag and not self.scales_frozen:
+            learned = [m for m in self.modules() if isinstance(m, QuantLayer) and m.fixed_scale is None]
+            measured = any(float(m.act_absmax) > 0 for m in learned)
+            if not measured:
+                log.warning("toggle_quantization: no activation range was ever measured (the model never ran in "
+                            "training mode on images); the scales are floors and the quantized model will not "
+                            "reconstruct images: train stage 1 first")
             for name, chain in self._chains().items():
                 scale = torch.tensor(self.input_scales()[name])
                 for module in chain:
                     if hasattr(module, "freeze"):
                         scale = module.freeze(scale)
             self.scales_frozen = True
+            raised = [m for m in learned if m.raised_range is not None]
+            if raised and measured:  # unmeasured ranges are all raised; the warning above says why
+                log.warning("%d activation range(s) raised so that their multipliers fit %d bits: %s", len(raised),
+                            self.hw.multiplier_bits, ", ".join(f"{m.layer_name} {m.raised_range[0]:.3g}->"
+                                                           f"{m.raised_range[1]:.3g}" for m in raised))
             log.info("quantization scales captured")
         self.quantized = bool(flag)
         for module in self._quant_modules():
