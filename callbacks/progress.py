@@ -1,4 +1,4 @@
-"""A TQDM progress bar that shows the training stage next to the metrics."""
+"""A TQDM progress bar that shows the training stage next to the metrics, and the schedule's epoch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class StageProgressBar(TQDMProgressBar):
-    """Lightning's TQDM bar with ``stage=<name>`` first in its postfix."""
+    """Lightning's TQDM bar with ``stage=<name>`` first in its postfix.
+
+    Epochs are numbered as the stage schedule (and the stage report) counts them: a run
+    started with ``init_from`` at stage 3 shows schedule epochs from that stage's start.
+    """
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
@@ -17,3 +21,9 @@ class StageProgressBar(TQDMProgressBar):
         if model is not None and hasattr(model, "stage"):
             return {"stage": model.stage, **items}
         return items
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        schedule = next((cb for cb in trainer.callbacks if hasattr(cb, "schedule_epoch")), None)
+        if schedule is not None:
+            self.train_progress_bar.set_description(f"Epoch {schedule.schedule_epoch(trainer)}")
