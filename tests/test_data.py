@@ -316,3 +316,14 @@ def test_hydra_configs_instantiate(messy_folder: Path, tmp_path: Path) -> None:
     folder_conf.patch_size = [32, 48]
     folder = instantiate(folder_conf)
     assert folder.patch_size == (32, 48) and folder.val_patch_size == (32, 48) and folder.batch_size == 8
+
+
+def test_auto_workers_follow_the_machine_and_bad_values_name_the_key():
+    import os
+
+    from streamlic.data import loader_workers
+
+    assert loader_workers("auto") == min(8, max(0, (os.cpu_count() or 1) - 1))
+    assert loader_workers(3) == 3
+    with pytest.raises(DataError, match=r"data.num_workers='many'"):
+        loader_workers("many")

@@ -338,6 +338,18 @@ class EpochSeededSampler(Sampler):
             yield self.epoch, index
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def loader_workers(num_workers: int | str) -> int:
+    """DataLoader workers: an int as given, ``"auto"`` one per CPU core but one, at most 8 (0 on one core)."""
+    if num_workers == "auto":
+        return min(MAX_AUTO_WORKERS, max(0, (os.cpu_count() or 1) - 1))
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise DataError(f"data.num_workers={num_workers!r}: expected a non-negative integer or 'auto'")
+    return num_workers
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose first pass starts ``skip_batches`` batches in.
 
@@ -376,7 +388,8 @@ class StreamLICDataModule(L.LightningDataModule):
         seed: makes training crops and order depend only on ``(seed, epoch)``
             (:class:`EpochSeededSampler`); ``None`` uses torch's global randomness, which
             ``seed_everything`` makes reproducible.
-        num_workers / pin_memory: passed to every DataLoader.
+        num_workers / pin_memory: passed to every DataLoader; ``num_workers="auto"`` sizes the
+            workers to the machine (:func:`loader_workers`).
 
     Folder scans happen in :meth:`setup`, once per split, so each bad file is reported once.
     The module holds no state that a resumed run needs (the epoch comes from the Trainer).
@@ -396,7 +409,7 @@ class StreamLICDataModule(L.LightningDataModule):
         hflip: bool = True,
         min_image_size: PatchSize | None = None,
         seed: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = 0,
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
@@ -415,7 +428,7 @@ class StreamLICDataModule(L.LightningDataModule):
         self.repeat = repeat
         self.hflip = hflip
         self.seed = seed
-        self.num_workers = num_workers
+        self.num_workers = loader_workers(num_workers)
         self.pin_memory = pin_memory
         self.train_dataset: ImageListDataset | None = None
         self.val_dataset: ImageListDataset | None = None
