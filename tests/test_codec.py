@@ -218,6 +218,20 @@ def test_cli_round_trip_of_any_mode_writes_the_decoded_8bit_png(mode, checkpoint
         assert np.array_equal(np.asarray(written), codec.to_uint8(expected).permute(1, 2, 0).numpy())
 
 
+def test_cli_defaults_leave_the_source_image_alone_and_outputs_readable(checkpoints, tmp_path, caplog):
+    image_path = tmp_path / "photo.png"
+    Image.fromarray(codec.to_uint8(sample_photos()[2][1][0]).permute(1, 2, 0).numpy()).save(image_path)
+    old_mask = os.umask(0o022)
+    try:
+        assert run_cli("compress", image_path, "-c", checkpoints["qat"], caplog=caplog)[0] == 0
+        # photo.slic decodes to photo.decoded.png, next to the untouched photo.png
+        assert run_cli("decompress", tmp_path / "photo.slic", "-c", checkpoints["qat"], caplog=caplog)[0] == 0
+    finally:
+        os.umask(old_mask)
+    for name in ("photo.slic", "photo.decoded.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name  # what open() gives under umask 022
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 def test_eval_writes_compressai_json_and_rd_plot(checkpoints, tmp_path, caplog, capsys):
@@ -240,6 +254,7 @@ def test_eval_writes_compressai_json_and_rd_plot(checkpoints, tmp_path, caplog, 
     for metric in ("bpp", "psnr-rgb", "ms-ssim-rgb", "encoding_time", "decoding_time", "bpp-estimated"):
         assert len(results["results"][metric]) == 2 and all(v is not None for v in results["results"][metric])
     for point in results["per_image"]:
+        assert point["setup_time"] > 0  # loading and the untimed warm-up round trip, apart from the timings
         names = [record["name"] for record in point["images"]]
         assert names == ["chelsea-192x256.png", os.path.join("nested", "rocket-150x200.png")]
         assert all(record["bytes"] > HEADER_SIZE for record in point["images"])
