@@ -13,6 +13,7 @@ from compressai.models import CompressionModel
 from torch import Tensor, nn
 
 from . import fixedpoint as fxp
+from . import topology
 from .config import ModelConfig, hardware_config, model_config, sparsity_config
 from .entropy import RectifiedPDF, bottleneck_pmf_table, gaussian_pmf_table
 from .layers import (LAGC, ChannelAddition, FGPConv2d, QConv2d, QLeakyReLU, QuantLayer, QUpsampleConv2d,
@@ -46,51 +47,13 @@ class StreamLIC(CompressionModel):
         mcfg.validate_against(hw)  # every constraint is checked before a tensor is built
         super().__init__()
         self.model_cfg, self.hw, self.sparsity_cfg = mcfg, hw, sp
-        c1, c2, c3, M, N = mcfg.c1, mcfg.c2, mcfg.c3, mcfg.M, mcfg.N
-        ls = hw.latent_scale
-
-        self.g_a = nn.Sequential(
-            QConv2d(3, c1, 4, 2, 1, hw=hw), LAGC(c1, hw),
-            QConv2d(c1, c2, 4, 2, 1, hw=hw), LAGC(c2, hw),
-            QConv2d(c2, c3, 4, 2, 1, hw=hw), LAGC(c3, hw),
-            QConv2d(c3, M, 4, 2, 1, hw=hw, fixed_scale=ls, out_bound=fxp.latent_bound(hw)),
-        )
-        # the causal top padding is what the streaming hardware computes
-        self.h_a = nn.Sequential(
-            nn.ZeroPad2d((1, 1, 2, 0)),
-            QConv2d(M, M, 4, 2, 0, hw=hw), LAGC(M, hw),
-            QConv2d(M, N, 4, 2, 1, hw=hw, fixed_scale=ls),
-        )
-        self.h_s = nn.Sequential(
-            QUpsampleConv2d(N, M, hw), QLeakyReLU(),
-            QUpsampleConv2d(M, 2 * M, hw, fixed_scale=ls),
-        )
-        self.g_s = nn.Sequential(
-            QUpsampleConv2d(M, c3, hw), LAGC(c3, hw),
-            QUpsampleConv2d(c3, c2, hw), LAGC(c2, hw),
-            QUpsampleConv2d(c2, c1, hw), LAGC(c1, hw),
-            QUpsampleConv2d(c1, 3, hw),
-        )
-        pi = hw.block_in
-        self.context_prediction = nn.Sequential(
-            # index 0 is the research code's padding slot: the rows arrive already padded
-            # (context_input, the row loop), and the slot keeps the module paths of its exports
-            nn.Identity(),
-            FGPConv2d(M, 2 * M, 3, 0, hw=hw, group_num=sp.group_num("ctx1", M, pi)),
-            QLeakyReLU(),
-            FGPConv2d(2 * M, 2 * M, (1, 3), (0, 1), hw=hw, fixed_scale=ls, group_num=sp.group_num("ctx2", 2 * M, pi)),
-        )
-        self.entropy_parameters = nn.Sequential(
-            ChannelAddition(hw, ls),
-            QLeakyReLU(),
-            FGPConv2d(2 * M, 2 * M, (1, 3), (0, 1), hw=hw, fixed_scale=ls,
-                      group_num=sp.group_num("ep", 2 * M, pi), pdf_index=True),
-        )
+        for name, specs in topology.network(mcfg).items():
+            setattr(self, name, nn.Sequential(*(_build_layer(spec, hw, sp) for spec in specs)))
         self._report_density_rounding()
-        self.entropy_bottleneck = EntropyBottleneck(N)
+        self.entropy_bottleneck = EntropyBottleneck(mcfg.N)
         self.gaussian_conditional = GaussianConditional(None, scale_bound=2.0**fxp.LOG2_SIGMA_MIN)
         self.rectified_cdf_y = RectifiedPDF(fxp.SCALE_LEVELS)
-        self.rectified_cdf_z = RectifiedPDF(N)
+        self.rectified_cdf_z = RectifiedPDF(mcfg.N)
         self.register_buffer("clamped_symbols", torch.zeros((), dtype=torch.long), persistent=False)
         for name, module in self.named_modules():
             if isinstance(module, QuantLayer):
@@ -117,8 +80,7 @@ class StreamLIC(CompressionModel):
         return self.model_cfg.M
 
     def sparse_layers(self) -> dict[str, FGPConv2d]:
-        return {"ctx1": self.context_prediction[1], "ctx2": self.context_prediction[3],
-                "ep": self.entropy_parameters[2]}
+        return {short: self.get_submodule(path) for short, path in topology.sparse_paths(self.model_cfg).items()}
 
     def _report_density_rounding(self) -> None:
         """Warn (once, at construction) where the block grid turns a requested density into another one."""
@@ -341,8 +303,7 @@ class StreamLIC(CompressionModel):
 
     # ------------------------------------------------------------------ forward
     def _chains(self) -> dict[str, nn.Sequential]:
-        return {"g_a": self.g_a, "h_a": self.h_a, "h_s": self.h_s, "g_s": self.g_s,
-                "context_prediction": self.context_prediction, "entropy_parameters": self.entropy_parameters}
+        return {name: getattr(self, name) for name in topology.SUBNETWORKS}
 
     def image_input(self, x: Tensor) -> Tensor:
         """The network input ``x - 0.5``; on the integer grid once quantized."""
@@ -352,7 +313,7 @@ class StreamLIC(CompressionModel):
 
     def context_input(self, y_hat: Tensor) -> Tensor:
         """Rows above each latent row: pad (left 1, right 1, top 3), drop the last row."""
-        return nn.functional.pad(y_hat[:, :, :-1], (1, 1, 3, 0))
+        return nn.functional.pad(y_hat[:, :, :-1], topology.CONTEXT_PAD)
 
     def entropy_params(self, params: Tensor, ctx: Tensor) -> Tensor:
         return self.entropy_parameters(torch.cat((params, ctx), dim=1))
@@ -457,6 +418,30 @@ class StreamLIC(CompressionModel):
             "z_symbols": z_symbols,
             "pdf_index": index,
         }
+
+
+def _build_layer(spec: topology.LayerSpec, hw, sp) -> nn.Module:
+    """The module of one row of the network table."""
+    fixed = hw.latent_scale if spec.fixed_scale else None
+    if spec.kind == topology.CONV:
+        bound = fxp.latent_bound(hw) if spec.role == "latent" else None
+        return QConv2d(spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding, hw=hw,
+                       fixed_scale=fixed, out_bound=bound)
+    if spec.kind == topology.SPARSE:
+        return FGPConv2d(spec.in_channels, spec.out_channels, spec.kernel, spec.padding, hw=hw, fixed_scale=fixed,
+                         group_num=sp.group_num(spec.sparse, spec.in_channels, hw.block_in),
+                         pdf_index=spec.role == "pdf_index")
+    if spec.kind == topology.UPSAMPLE:
+        return QUpsampleConv2d(spec.in_channels, spec.out_channels, hw, fixed_scale=fixed)
+    if spec.kind == topology.LAGC:
+        return LAGC(spec.out_channels, hw)
+    if spec.kind == topology.LEAKY:
+        return QLeakyReLU()
+    if spec.kind == topology.CHANNEL_ADD:
+        return ChannelAddition(hw, hw.latent_scale)
+    if spec.kind == topology.PAD:
+        return nn.ZeroPad2d(spec.pad)
+    return nn.Identity()  # the context model's padding slot
 
 
 def _upgrade_state_dict(module, state_dict, prefix, *args) -> None:

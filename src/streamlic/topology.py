@@ -1,0 +1,204 @@
+"""The StreamLIC network as one table: each layer's path, kind, geometry and role (docs/architecture.md).
+
+The float/QAT model builds its modules from this table, the integer model runs it, the
+exporter names its files and counts its multiply-accumulates from it, and the codec pads
+images with its strides. Paths are the research code's module paths (``g_a.0`` ...
+``entropy_parameters.2``): the keys of every export.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ModelConfig
+
+SUBNETWORKS = ("g_a", "h_a", "h_s", "g_s", "context_prediction", "entropy_parameters")
+LATENT_STRIDE = 16  # image pixels per latent pixel (four stride-2 convolutions)
+PAD_MULTIPLE = 64  # image pixels per hyper-latent pixel: images are padded to this multiple
+HYPER_ANALYSIS_PAD = (1, 1, 2, 0)  # causal: left, right, top, bottom (what the streaming hardware computes)
+CONTEXT_ROWS = 3  # a latent row is predicted from the three rows above it
+CONTEXT_PAD = (1, 1, CONTEXT_ROWS, 0)  # left, right, top, bottom of the context model's input
+SPARSE_LAYERS = ("ctx1", "ctx2", "ep")
+
+# kinds of layers
+CONV, LAGC, UPSAMPLE, LEAKY, PAD, SLOT, CHANNEL_ADD, SPARSE = (
+    "conv", "lagc", "upsample", "leaky", "pad", "slot", "channel_add", "sparse")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer of the network.
+
+    ``out_channels`` of an upsampling layer is after the pixel shuffle (its 2x2 convolution
+    has four times as many). ``fixed_scale`` layers output at the latent scale 2**-(A-8).
+    ``role`` names the layers other parts of the project look up: ``latent`` (y),
+    ``hyper_latent`` (z), ``hyper_output`` (the entropy parameters' hyper input) and
+    ``pdf_index`` (ep, whose odd channels carry the scale index).
+    """
+
+    path: str
+    kind: str
+    in_channels: int = 0
+    out_channels: int = 0
+    kernel: tuple[int, int] = (1, 1)
+    stride: int = 1
+    padding: tuple[int, int] = (0, 0)  # (height, width) of a convolution's zero padding
+    fixed_scale: bool = False
+    sparse: str | None = None  # ctx1, ctx2 or ep
+    role: str | None = None
+    pad: tuple[int, int, int, int] | None = None  # a padding layer's (left, right, top, bottom)
+
+    @property
+    def subnetwork(self) -> str:
+        return self.path.split(".")[0]
+
+    @property
+    def weighted(self) -> bool:
+        """A layer with integer parameters in the exports."""
+        return self.kind in (CONV, LAGC, UPSAMPLE, SPARSE)
+
+
+def _conv(path, c_in, c_out, stride=2, padding=1, **kw) -> LayerSpec:
+    return LayerSpec(path, CONV, c_in, c_out, (4, 4), stride, (padding, padding), **kw)
+
+
+@lru_cache(maxsize=None)
+def network(cfg: ModelConfig) -> dict[str, tuple[LayerSpec, ...]]:
+    """The layers of each sub-network, in order (index = position in the module's ``nn.Sequential``)."""
+    c1, c2, c3, m, n = cfg.c1, cfg.c2, cfg.c3, cfg.M, cfg.N
+    return {
+        "g_a": (_conv("g_a.0", 3, c1), LayerSpec("g_a.1", LAGC, c1, c1), _conv("g_a.2", c1, c2),
+                LayerSpec("g_a.3", LAGC, c2, c2), _conv("g_a.4", c2, c3), LayerSpec("g_a.5", LAGC, c3, c3),
+                _conv("g_a.6", c3, m, fixed_scale=True, role="latent")),
+        "h_a": (LayerSpec("h_a.0", PAD, m, m, pad=HYPER_ANALYSIS_PAD), _conv("h_a.1", m, m, padding=0),
+                LayerSpec("h_a.2", LAGC, m, m), _conv("h_a.3", m, n, fixed_scale=True, role="hyper_latent")),
+        "h_s": (LayerSpec("h_s.0", UPSAMPLE, n, m, (2, 2)), LayerSpec("h_s.1", LEAKY, m, m),
+                LayerSpec("h_s.2", UPSAMPLE, m, 2 * m, (2, 2), fixed_scale=True, role="hyper_output")),
+        "g_s": (LayerSpec("g_s.0", UPSAMPLE, m, c3, (2, 2)), LayerSpec("g_s.1", LAGC, c3, c3),
+                LayerSpec("g_s.2", UPSAMPLE, c3, c2, (2, 2)), LayerSpec("g_s.3", LAGC, c2, c2),
+                LayerSpec("g_s.4", UPSAMPLE, c2, c1, (2, 2)), LayerSpec("g_s.5", LAGC, c1, c1),
+                LayerSpec("g_s.6", UPSAMPLE, c1, 3, (2, 2))),
+        # index 0 is the research code's padding slot: rows arrive padded (CONTEXT_PAD)
+        "context_prediction": (LayerSpec("context_prediction.0", SLOT, m, m),
+                               LayerSpec("context_prediction.1", SPARSE, m, 2 * m, (3, 3), sparse="ctx1"),
+                               LayerSpec("context_prediction.2", LEAKY, 2 * m, 2 * m),
+                               LayerSpec("context_prediction.3", SPARSE, 2 * m, 2 * m, (1, 3), padding=(0, 1),
+                                         fixed_scale=True, sparse="ctx2")),
+        "entropy_parameters": (LayerSpec("entropy_parameters.0", CHANNEL_ADD, 4 * m, 2 * m),
+                               LayerSpec("entropy_parameters.1", LEAKY, 2 * m, 2 * m),
+                               LayerSpec("entropy_parameters.2", SPARSE, 2 * m, 2 * m, (1, 3), padding=(0, 1),
+                                         fixed_scale=True, sparse="ep", role="pdf_index")),
+    }
+
+
+def layers(cfg: ModelConfig) -> tuple[LayerSpec, ...]:
+    """Every layer of the network, sub-network by sub-network."""
+    return tuple(spec for name in SUBNETWORKS for spec in network(cfg)[name])
+
+
+def layer_with(cfg: ModelConfig, *, role: str | None = None, sparse: str | None = None) -> LayerSpec:
+    """The one layer with this role (``latent``, ``hyper_output`` ...) or sparse name (``ctx1`` ...)."""
+    found = [spec for spec in layers(cfg) if (role and spec.role == role) or (sparse and spec.sparse == sparse)]
+    if len(found) != 1:
+        raise KeyError(f"no single layer with role={role!r} sparse={sparse!r}")
+    return found[0]
+
+
+def sparse_paths(cfg: ModelConfig) -> dict[str, str]:
+    """The block-sparse layers of the row engine: ``{"ctx1": "context_prediction.1", ...}``."""
+    return {spec.sparse: spec.path for spec in layers(cfg) if spec.kind == SPARSE}
+
+
+def padded_size(height: int, width: int) -> tuple[int, int]:
+    """An image size rounded up to the multiple of :data:`PAD_MULTIPLE` the network codes."""
+    return math.ceil(height / PAD_MULTIPLE) * PAD_MULTIPLE, math.ceil(width / PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def pad_to_multiple(x: Tensor, multiple: int = PAD_MULTIPLE) -> Tensor:
+    """Pad an image ``[..., H, W]`` at the bottom and right by edge replication to multiples of ``multiple``.
+
+    Replication (not zeros) keeps the padded border as cheap to code as the image edge; the
+    decoder crops it away.
+    """
+    height, width = x.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+
+
+def conv_positions(spec: LayerSpec, height: int, width: int) -> tuple[int, int]:
+    """Output positions (rows, columns) of a layer for an input of ``height x width``.
+
+    An upsampling layer's 2x2 convolution runs on its input padded by 1, at ``(h+1) x (w+1)``
+    positions before the pixel shuffle; its output is then ``2h x 2w``.
+    """
+    if spec.kind == UPSAMPLE:
+        return height + 1, width + 1
+    if spec.kind in (CONV, SPARSE):
+        (kh, kw), (ph, pw) = spec.kernel, spec.padding
+        return (height + 2 * ph - kh) // spec.stride + 1, (width + 2 * pw - kw) // spec.stride + 1
+    if spec.kind == PAD:
+        left, right, top, bottom = spec.pad
+        return height + top + bottom, width + left + right
+    return height, width
+
+
+def output_size(spec: LayerSpec, height: int, width: int) -> tuple[int, int]:
+    """Output size of a layer for an input of ``height x width``."""
+    if spec.kind == UPSAMPLE:
+        return 2 * height, 2 * width
+    return conv_positions(spec, height, width)
+
+
+def macs_per_position(spec: LayerSpec, active_weights: int | None = None) -> int:
+    """Multiply-accumulates of one output position: a convolution's weights (the active ones if
+    given), an LAGC's ``C^2`` affine weights plus ``2C`` for its gain and output products."""
+    if spec.kind == LAGC:
+        return spec.in_channels * spec.out_channels + 2 * spec.out_channels
+    if active_weights is not None:
+        return active_weights
+    kh, kw = spec.kernel
+    out_channels = 4 * spec.out_channels if spec.kind == UPSAMPLE else spec.out_channels
+    return out_channels * spec.in_channels * kh * kw
+
+
+def layer_geometry(cfg: ModelConfig, height: int, width: int) -> dict[str, tuple[int, int]]:
+    """Output positions (rows, columns) of every weighted layer for a ``height x width`` image.
+
+    The row engine's layers run once per latent position.
+    """
+    geometry: dict[str, tuple[int, int]] = {}
+    net = network(cfg)
+    size = (height, width)
+    for name in ("g_a", "h_a", "h_s"):
+        for spec in net[name]:
+            if spec.weighted:
+                geometry[spec.path] = conv_positions(spec, *size)
+            size = output_size(spec, *size)
+        if name == "g_a":
+            latent = size
+    size = latent
+    for spec in net["g_s"]:
+        if spec.weighted:
+            geometry[spec.path] = conv_positions(spec, *size)
+        size = output_size(spec, *size)
+    for path in sparse_paths(cfg).values():
+        geometry[path] = latent
+    return geometry
+
+
+def context_macs_per_pixel(cfg: ModelConfig, active_weights: dict[str, int]) -> dict[str, float]:
+    """Multiply-accumulates per image pixel of each sparse layer given its active weights."""
+    return {short: active_weights[short] / LATENT_STRIDE**2 for short in sparse_paths(cfg)}
+
+
+def odd_channels(channels: int) -> Tensor:
+    """Mask of ep's odd output channels, which carry the scale index."""
+    return torch.arange(channels) % 2 == 1
