@@ -19,7 +19,8 @@ import torch
 
 from streamlic import StreamLIC
 from streamlic.data import demo_images
-from streamlic.export import export_quantized_parameters, hardware_report
+from streamlic.export.report import hardware_report
+from streamlic.params import export_quantized_parameters
 from streamlic.integer_model import IntegerModel
 
 PHOTO = "hubble_deep_field"  # 872 x 1000: the only demo photo with a 512 x 768 centre crop that is all image

@@ -15,7 +15,8 @@ from _models import sample_photos, tiny_model
 from streamlic import cli, codec
 from streamlic.codec import CodecError, HEADER_SIZE, StreamCodec
 from streamlic.data import demo_images, load_image
-from streamlic.integer_model import IntegerModel, pad_to_multiple
+from streamlic.integer_model import IntegerModel
+from streamlic.topology import pad_to_multiple
 
 
 @pytest.fixture(scope="module")

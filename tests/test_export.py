@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -15,9 +14,14 @@ import torch
 
 from _models import rd_loss, sample_photos, saturating_tiny_model, tiny_model, training_batches
 from streamlic import fixedpoint as fxp
-from streamlic.export import (STREAM_FILES, ExportError, export_package, export_quantized_parameters,
-                              hardware_report, run_export)
-from streamlic.integer_model import IntegerModel, StageError, compare_with_qat, pad_to_multiple
+from streamlic.export import ExportError, export_package, load_integer_model
+from streamlic.export.report import hardware_report
+from streamlic.export.streams import STREAM_FILES
+from streamlic.params import export_quantized_parameters
+from streamlic.topology import pad_to_multiple
+from streamlic.bitexact import compare_with_qat
+from streamlic.integer_model import IntegerModel
+from streamlic.params import StageError
 from streamlic.layers import FGPConv2d
 
 PI = PO = 12
@@ -93,7 +97,7 @@ def read_ints(path):
 def test_integer_model_from_files_reproduces_symbols_and_indices(qat_model, package):
     directory, _, _ = package
     in_memory = IntegerModel.from_model(qat_model)
-    from_files = IntegerModel.from_export(directory)
+    from_files = load_integer_model(directory)
     assert from_files.model_hash == in_memory.model_hash
     assert torch.equal(from_files.cdf_y, in_memory.cdf_y) and torch.equal(from_files.cdf_z, in_memory.cdf_z)
     for _, x in sample_photos():
@@ -221,7 +225,7 @@ def test_corner_case_vectors_drive_every_clamp_of_the_row_engine(saturating_mode
     assert int(tensors["symbols.txt"].max()) == 127 and int(tensors["symbols.txt"].min()) == -127
     assert int(tensors["pdf_index.txt"].max()) == 127 and int(tensors["pdf_index.txt"].min()) == 0
     # the goldens are the integer model's, recomputed here from the files alone
-    coded = IntegerModel.from_export(tmp_path).encode_rows(tensors["y.txt"], tensors["hyper.txt"])
+    coded = load_integer_model(tmp_path).encode_rows(tensors["y.txt"], tensors["hyper.txt"])
     assert torch.equal(coded["symbols"], tensors["symbols.txt"])
     assert torch.equal(coded["pdf_index"], tensors["pdf_index.txt"])
 
@@ -257,12 +261,12 @@ def test_tampered_stream_is_detected(package, tmp_path):
     lines[5] = " ".join(values)
     (copy / "weights.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="model hash"):
-        IntegerModel.from_export(copy)
+        load_integer_model(copy)
     (copy / "biases.txt").write_text("1 2 3\n")
     with pytest.raises(ValueError, match="biases.txt: ends inside"):
-        IntegerModel.from_export(copy)
+        load_integer_model(copy)
     with pytest.raises(ValueError, match="no manifest.json"):
-        IntegerModel.from_export(tmp_path)
+        load_integer_model(tmp_path)
 
 
 def test_c_header_compiles_and_holds_the_integers(qat_model, package, tmp_path):
@@ -465,11 +469,11 @@ def save_checkpoint(model, path):
     return path
 
 
-def test_pre_qat_checkpoint_is_refused(tmp_path):
+def test_pre_qat_checkpoint_is_refused(tmp_path, caplog):
+    cli = pytest.importorskip("streamlic.cli")
     checkpoint = save_checkpoint(tiny_model("w12a12", "mask"), tmp_path / "stage2-mask.ckpt")
-    args = argparse.Namespace(checkpoint=str(checkpoint), output=str(tmp_path / "out"), image=None, force=False)
-    with pytest.raises(StageError, match="stage 'mask'.*QAT"):
-        run_export(args)
+    assert cli.main(["export", str(checkpoint), "-o", str(tmp_path / "out")]) == 1
+    assert "stage 'mask'" in caplog.text and "QAT" in caplog.text
     assert not (tmp_path / "out").exists()
     with pytest.raises(StageError, match="stage 'aun'"):
         export_quantized_parameters(tiny_model("w12a12", "aun"))
@@ -486,7 +490,7 @@ def test_export_command_writes_the_package(tmp_path, caplog):
     manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
     assert manifest["stage"] == "pdf" and manifest["config"]["hardware"]["name"] == "w8a8"
     assert manifest["golden"]["image"] == "photo.png" and manifest["golden"]["padded_size"] == [128, 192]
-    assert IntegerModel.from_export(tmp_path / "pkg").model_hash == IntegerModel.from_model(model).model_hash
+    assert load_integer_model(tmp_path / "pkg").model_hash == IntegerModel.from_model(model).model_hash
     header = (tmp_path / "pkg" / "streamlic_params.h").read_text()
     assert "static const int8_t STREAMLIC_G_A_0_WEIGHT[" in header  # 8-bit weights at w8a8
     # a pre-QAT checkpoint: exit status 1 and the reason in the log

@@ -7,8 +7,10 @@ import torch
 
 from _models import sample_photos, tiny_model
 from streamlic import fixedpoint as fxp
-from streamlic.integer_model import (BitExactReport, IntegerModel, StageError, compare_with_qat, pad_to_multiple,
-                                     qat_integers)
+from streamlic.bitexact import BitExactReport, compare_with_qat, qat_integers
+from streamlic.integer_model import IntegerModel
+from streamlic.params import StageError
+from streamlic.topology import pad_to_multiple
 from streamlic.layers import LAGC, QConv2d
 
 HARDWARE = ("w12a12", "w8a8")

@@ -1,12 +1,23 @@
-"""StreamLIC: train a learned image codec down to a sparse, fixed-point, hardware-exact model."""
+"""StreamLIC: train a learned image codec down to a sparse, fixed-point, hardware-exact model.
 
-from .config import (ConfigError, HardwareConfig, ModelConfig, SparsityConfig, W8A8, W12A12, hardware_config,
-                     model_config, sparsity_config)
-from .entropy import RectifiedPDF
-from .model import STAGES, ARLiteSparse_Q, StreamLIC
+The names below are loaded on first use, so that ``streamlic.cli`` (the console script) does
+not pay for torch and compressai before it needs them.
+"""
 
-__all__ = [
-    "ARLiteSparse_Q", "ConfigError", "HardwareConfig", "ModelConfig", "RectifiedPDF", "STAGES", "SparsityConfig",
-    "StreamLIC", "W12A12", "W8A8", "hardware_config", "model_config", "sparsity_config",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "ConfigError": "config", "HardwareConfig": "config", "ModelConfig": "config", "SparsityConfig": "config",
+    "W8A8": "config", "W12A12": "config", "hardware_config": "config", "model_config": "config",
+    "sparsity_config": "config", "RectifiedPDF": "entropy", "STAGES": "model", "ARLiteSparse_Q": "model",
+    "StreamLIC": "model",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'streamlic' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -1,29 +1,100 @@
-"""``streamlic`` command line: each subcommand lives in the module it drives."""
+"""The ``streamlic`` command line: export, compress, decompress, eval (docs/cli.md in README).
+
+The parser imports nothing heavy: each command loads torch and the library only when it runs,
+so ``streamlic --help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import warnings
+from pathlib import Path
 
-from . import codec, export
+FILE_SUFFIX = ".slic"
+DECODED_SUFFIX = ".decoded.png"  # not .png: the source image usually still lies beside the file
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .data import load_image
+    from .export import export_package
+    from .model import StreamLIC
+
+    model = StreamLIC.from_checkpoint(args.checkpoint)
+    image = load_image(args.image) if args.image else None
+    written = export_package(model, args.output, image=image, image_name=Path(args.image).name if args.image else None,
+                             force=args.force)
+    logging.getLogger("streamlic").info("wrote %d files to %s", len(written), args.output)
+    return 0
+
+
+def _run_codec(name: str):
+    def run(args: argparse.Namespace) -> int:
+        from . import codec
+
+        return getattr(codec, name)(args)
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamlic", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser = argparse.ArgumentParser(prog="streamlic", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages and show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    export.register_cli(sub)
-    codec.register_cli(sub)
+
+    export = sub.add_parser(
+        "export", help="write the integer parameters, HLS streams, C header, tables and hardware report",
+        description="Export a QAT-or-later StreamLIC checkpoint (Lightning or plain state dict) for hardware.")
+    export.add_argument("checkpoint", help="stage checkpoint (.ckpt) or state dict file")
+    export.add_argument("-o", "--output", required=True, help="output directory")
+    export.add_argument("--image", help="image file whose integer tensors become golden test vectors")
+    export.add_argument("--force", action="store_true",
+                        help="replace the export in a non-empty output directory (files it lists are removed)")
+    export.set_defaults(func=_run_export)
+
+    compress = sub.add_parser("compress", help="compress an image into a StreamLIC file")
+    compress.add_argument("image", type=Path, help="image file (PNG, JPEG, ...; any size and mode)")
+    compress.add_argument("-c", "--checkpoint", required=True, type=Path,
+                          help="stage-3-or-later checkpoint (or export directory)")
+    compress.add_argument("-o", "--output", type=Path, help=f"output file (default: IMAGE with suffix {FILE_SUFFIX})")
+    compress.add_argument("--force", action="store_true", help="overwrite an existing output")
+    compress.set_defaults(func=_run_codec("run_compress"))
+
+    decompress = sub.add_parser("decompress", help="decode a StreamLIC file into an 8-bit RGB PNG")
+    decompress.add_argument("file", type=Path, help="StreamLIC file")
+    decompress.add_argument("-c", "--checkpoint", required=True, type=Path,
+                            help="the checkpoint (or export directory) that made the file")
+    decompress.add_argument("-o", "--output", type=Path,
+                            help=f"output PNG (default: FILE with suffix {DECODED_SUFFIX}, beside the source image)")
+    decompress.add_argument("--force", action="store_true", help="overwrite an existing output")
+    decompress.set_defaults(func=_run_codec("run_decompress"))
+
+    evaluate = sub.add_parser("eval", help="rate-distortion of checkpoints on an image folder")
+    evaluate.add_argument("folder", type=Path, help="folder of images (searched recursively)")
+    evaluate.add_argument("-c", "--checkpoint", required=True, type=Path, nargs="+",
+                          help="one or more checkpoints; each is one point of the RD curve")
+    evaluate.add_argument("-o", "--output", type=Path, help="results JSON (CompressAI's format)")
+    evaluate.add_argument("--plot", type=Path, help="RD plot PNG")
+    evaluate.add_argument("--compare", type=Path, nargs="+", default=[],
+                          help="CompressAI-format results JSON files to overlay on the plot")
+    evaluate.add_argument("--name", default="StreamLIC", help="name of this curve in the JSON and the plot")
+    evaluate.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    evaluate.set_defaults(func=_run_codec("run_eval"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not args.verbose:  # dependency deprecation notices say nothing a user of the command can act on
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError, RuntimeError, ArithmeticError) as err:
+        if args.verbose:
+            raise
         logging.getLogger("streamlic").error("%s", err)
         return 1
 

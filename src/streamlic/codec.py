@@ -65,7 +65,10 @@ from torch import Tensor
 from . import fixedpoint as fxp
 from .data import ImageReadError, load_image, scan_folder
 from .entropy import CDF_PRECISION, frequencies
-from .integer_model import PAD_MULTIPLE, IntegerModel, StageError, pad_to_multiple
+from .integer_model import IntegerModel
+from .params import StageError
+from .cli import DECODED_SUFFIX, FILE_SUFFIX
+from .topology import LATENT_STRIDE, PAD_MULTIPLE, pad_to_multiple
 from .model import StreamLIC
 
 log = logging.getLogger(__name__)
@@ -76,12 +79,9 @@ FORMAT_VERSION = 1
 _HEADER_FIELDS = struct.Struct("<4sBIIHH16sII")
 _CRC = struct.Struct("<I")
 HEADER_SIZE = _HEADER_FIELDS.size + _CRC.size  # 45 bytes
-LATENT_STRIDE = 16  # image pixels per latent pixel (PAD_MULTIPLE, 64, per hyper-latent pixel)
 MODEL_ID_BYTES = 16
 SYNTHESIS_STRIP_ROWS = 8  # latent rows per synthesis strip (128 pixel rows)
 SYNTHESIS_HALO_ROWS = 1  # see StreamCodec.reconstruct
-FILE_SUFFIX = ".slic"
-DECODED_SUFFIX = ".decoded.png"  # not .png: the source image usually still lies beside the file
 MSSSIM_MIN_SIDE = 161  # 5 scales of an 11-pixel window need more than 160 pixels per side
 
 CodecSource = Union["StreamCodec", IntegerModel, StreamLIC, str, os.PathLike]
@@ -389,7 +389,9 @@ def load_codec(source: CodecSource) -> StreamCodec:
         return StreamCodec(_integer_model(source, "model"))
     path = Path(source)
     if path.is_dir():
-        return StreamCodec(IntegerModel.from_export(path))
+        from .export import load_integer_model
+
+        return StreamCodec(load_integer_model(path))
     if not path.is_file():
         raise CodecError(f"{path}: no such checkpoint")
     return StreamCodec(_integer_model(StreamLIC.from_checkpoint(path), str(path)))
@@ -654,38 +656,7 @@ def plot_rd(curves: Sequence[dict[str, Any]], path: str | os.PathLike, force: bo
 
 # ---------------------------------------------------------------------------- CLI
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    compress = subparsers.add_parser("compress", help="compress an image into a StreamLIC file")
-    compress.add_argument("image", type=Path, help="image file (PNG, JPEG, ...; any size and mode)")
-    compress.add_argument("-c", "--checkpoint", required=True, type=Path,
-                          help="stage-3-or-later checkpoint (or export directory)")
-    compress.add_argument("-o", "--output", type=Path, help=f"output file (default: IMAGE with suffix {FILE_SUFFIX})")
-    compress.add_argument("--force", action="store_true", help="overwrite an existing output")
-    compress.set_defaults(func=_run_compress)
-
-    decompress = subparsers.add_parser("decompress", help="decode a StreamLIC file into an 8-bit RGB PNG")
-    decompress.add_argument("file", type=Path, help="StreamLIC file")
-    decompress.add_argument("-c", "--checkpoint", required=True, type=Path,
-                            help="the checkpoint (or export directory) that made the file")
-    decompress.add_argument("-o", "--output", type=Path,
-                            help=f"output PNG (default: FILE with suffix {DECODED_SUFFIX}, beside the source image)")
-    decompress.add_argument("--force", action="store_true", help="overwrite an existing output")
-    decompress.set_defaults(func=_run_decompress)
-
-    evaluate = subparsers.add_parser("eval", help="rate-distortion of checkpoints on an image folder")
-    evaluate.add_argument("folder", type=Path, help="folder of images (searched recursively)")
-    evaluate.add_argument("-c", "--checkpoint", required=True, type=Path, nargs="+",
-                          help="one or more checkpoints; each is one point of the RD curve")
-    evaluate.add_argument("-o", "--output", type=Path, help="results JSON (CompressAI's format)")
-    evaluate.add_argument("--plot", type=Path, help="RD plot PNG")
-    evaluate.add_argument("--compare", type=Path, nargs="+", default=[],
-                          help="CompressAI-format results JSON files to overlay on the plot")
-    evaluate.add_argument("--name", default="StreamLIC", help="name of this curve in the JSON and the plot")
-    evaluate.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    evaluate.set_defaults(func=_run_eval)
-
-
-def _run_compress(args: argparse.Namespace) -> int:
+def run_compress(args: argparse.Namespace) -> int:
     output = args.output or args.image.with_suffix(FILE_SUFFIX)
     _check_output(output, args.force)
     codec = load_codec(args.checkpoint)
@@ -697,7 +668,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_decompress(args: argparse.Namespace) -> int:
+def run_decompress(args: argparse.Namespace) -> int:
     output = args.output or args.file.with_suffix(DECODED_SUFFIX)
     _check_output(output, args.force)
     codec = load_codec(args.checkpoint)
@@ -708,7 +679,7 @@ def _run_decompress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_eval(args: argparse.Namespace) -> int:
+def run_eval(args: argparse.Namespace) -> int:
     for path in (args.output, args.plot):
         if path is not None:
             _check_output(path, args.force)

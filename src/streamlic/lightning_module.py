@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from .integer_model import pad_to_multiple  # the codec's padding rule: whole images to a multiple of 64
+from .topology import pad_to_multiple  # the codec's padding rule: whole images to a multiple of 64
 from .model import STAGES, StreamLIC
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from .config import ModelConfig, hardware_config, model_config, sparsity_config
 from .entropy import RectifiedPDF, bottleneck_pmf_table, gaussian_pmf_table
 from .layers import (LAGC, ChannelAddition, FGPConv2d, QConv2d, QLeakyReLU, QuantLayer, QUpsampleConv2d,
                      straight_through)
+from .params import export_quantized_parameters
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +212,8 @@ class StreamLIC(CompressionModel):
     def export_quantized_parameters(self) -> dict[str, dict[str, Tensor]]:
         """Every quantized layer's integers (weight, bias, scale_param, scale_shift, mask, scales) by name.
 
-        Stage 3 (QAT) or later; see :func:`streamlic.export.export_quantized_parameters`.
+        Stage 3 (QAT) or later; see :func:`streamlic.params.export_quantized_parameters`.
         """
-        from .export import export_quantized_parameters  # lazy: the exporter imports this module's layers
-
         return export_quantized_parameters(self)
 
     def update(self, scale_table: Tensor | None = None, force: bool = False, update_quantiles: bool = False) -> bool:

@@ -1,0 +1,84 @@
+"""``streamlic_params.h``: the integers as fixed-width C arrays, and the storage widths of the ``.npz``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import fixedpoint as fxp
+from ..config import HardwareConfig, ModelConfig
+
+HEADER_PREFIX = "STREAMLIC"
+
+
+def _c_int_type(bits: int, signed: bool) -> str:
+    width = next(w for w in (8, 16, 32, 64) if bits <= w)
+    return f"{'' if signed else 'u'}int{width}_t"
+
+
+def _c_type_for(key: str, hw: HardwareConfig) -> str:
+    if key.endswith("weight"):
+        return _c_int_type(hw.weight_bits, True)
+    if key.endswith("bias"):
+        return _c_int_type(hw.precision_bits, True)
+    if key.endswith("scale_param"):
+        return _c_int_type(hw.multiplier_bits, False)
+    if key.endswith("scale_shift"):
+        return _c_int_type(hw.shift_bits, False)
+    if key == "mask":
+        return _c_int_type(1, False)
+    raise KeyError(f"no C type for parameter {key}")
+
+
+# numpy and torch handle unsigned types wider than 8 bits poorly: those go one signed size up
+_STORAGE_DTYPES = {"int8_t": torch.int8, "int16_t": torch.int16, "int32_t": torch.int32, "int64_t": torch.int64,
+                   "uint8_t": torch.uint8, "uint16_t": torch.int32, "uint32_t": torch.int64}
+
+
+def compact(key: str, value: Tensor, hw: HardwareConfig) -> Tensor:
+    """An integer parameter in the narrowest dtype its hardware width fits (as in the C header)."""
+    if value.is_floating_point():
+        return value
+    return value.to(_STORAGE_DTYPES[_c_type_for(key, hw)])
+
+
+def _c_name(*parts: str) -> str:
+    return "_".join([HEADER_PREFIX, *parts]).replace(".", "_").upper()
+
+
+def _c_array(name: str, ctype: str, values: Tensor) -> list[str]:
+    flat = [str(v) for v in values.reshape(-1).tolist()]
+    shape = list(values.shape)
+    lines = [f"#define {name}_LEN {len(flat)}"]
+    lines += [f"#define {name}_D{axis} {size}" for axis, size in enumerate(shape)]
+    lines.append(f"static const {ctype} {name}[{len(flat)}] = {{  /* shape {shape} */")
+    lines += ["    " + ", ".join(flat[i:i + 16]) + "," for i in range(0, len(flat), 16)]
+    lines.append("};")
+    return lines
+
+
+def c_header(params: dict[str, dict[str, Tensor]], tables: dict[str, Tensor], hw: HardwareConfig,
+             model_cfg: ModelConfig, model_hash: str) -> str:
+    """``streamlic_params.h``: fixed-width ``static const`` arrays and ``#define`` s of shapes and widths."""
+    guard = _c_name("PARAMS_H")
+    lines = ["/* StreamLIC integer parameters, written by `streamlic export`. Do not edit. */",
+             f"#ifndef {guard}", f"#define {guard}", "", "#include <stdint.h>", "",
+             f'#define {_c_name("MODEL_HASH")} "{model_hash}"']
+    widths = {"ACT_BITS": hw.activation_bits, "WEIGHT_BITS": hw.weight_bits, "PRECISION_BITS": hw.precision_bits,
+              "RESIDUAL_BITS": hw.residual_bits, "ACCUMULATOR_BITS": hw.accumulator_bits,
+              "MULTIPLIER_BITS": hw.multiplier_bits, "SHIFT_BITS": hw.shift_bits, "BLOCK_IN": hw.block_in,
+              "BLOCK_OUT": hw.block_out, "LATENT_SHIFT": hw.latent_shift, "SYMBOL_MAX": fxp.SYMBOL_MAX,
+              "SCALE_LEVELS": fxp.SCALE_LEVELS, **{key.upper(): value for key, value in model_cfg.to_dict().items()}}
+    lines += [f"#define {_c_name(key)} {value}" for key, value in widths.items()]
+    for layer, layer_params in params.items():
+        lines += ["", f"/* ---- {layer} ---- */"]
+        for key, value in layer_params.items():
+            if value.is_floating_point():
+                lines.append(f"static const double {_c_name(layer, key)} = {float(value):.17g};")
+            else:
+                lines += _c_array(_c_name(layer, key), _c_type_for(key, hw), value)
+    table_types = {"cdf_y": "uint32_t", "cdf_z": "uint32_t", "tanh_lut": _c_int_type(hw.activation_bits, True)}
+    for name, table in tables.items():
+        lines += ["", *_c_array(_c_name(name), table_types[name], table)]
+    lines += ["", f"#endif /* {guard} */", ""]
+    return "\n".join(lines)
