@@ -21,7 +21,8 @@ BLOCKS = {"1.0": (2, 4, 4), "0.5": (1, 2, 2), "0.25": (1, 1, 1), "0.2": (1, 1, 1
 def _write_job(sweep: Path, number: int, overrides: list[str], density: str, stage1: tuple[float, float],
                stage5: tuple[float, float], status: str = "finished") -> None:
     blocks = dict(zip(("ctx1", "ctx2", "ep"), BLOCKS[density]))
-    layers = {name: {"blocks_per_group": count, "sparse": 10.0 * count, "dense": 40.0} for name, count in blocks.items()}
+    layers = {name: {"blocks_per_group": count, "sparse": 10.0 * count, "dense": 40.0}
+              for name, count in blocks.items()}
     sparse = sum(entry["sparse"] for entry in layers.values())
     results = {
         "overrides": ["model=tiny", *overrides], "status": status, "stage": "pdf",
@@ -114,10 +115,12 @@ def test_multirun_with_a_stopped_job_writes_the_summary_and_exits_non_zero(tmp_p
     sweep = tmp_path / "sweep"
     done = run_script(["-m", *TINY, *schedule(), "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
                        "test=false", "+callbacks.nan._target_=_training.NaNInjector",
-                       "+callbacks.nan.at_step=2,100", f"hydra.sweep.dir={sweep}"], timeout=400)
+                       "+callbacks.nan.at_step=1,100", f"hydra.sweep.dir={sweep}"], timeout=400)
     assert done.returncode == 1, done.stderr[-3000:]
     rows = {row["job"]: row for row in _read_csv(sweep / "summary.csv")}
     assert rows["0"]["status"] == "stopped: non-finite loss" and rows["1"]["status"] == "finished"
-    error = [line for line in done.stderr.splitlines() if "[ERROR]" in line and "did not finish" in line]
-    assert len(error) == 1 and "job 0 [" in error[0] and "+callbacks.nan.at_step=2]" in error[0], done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    error = [line for line in output.splitlines() if "1 of 2 multirun jobs did not finish" in line]
+    assert len(error) == 1 and "job 0 [" in error[0], output[-3000:]
+    assert error[0].endswith("+callbacks.nan.at_step=1]: stopped: non-finite loss")
     assert "**FAILED** (stopped: non-finite loss)" in (sweep / "summary.md").read_text()
