@@ -1,11 +1,16 @@
-"""Bjøntegaard deltas (streamlic.rd) on curves whose true delta is known."""
+"""Bjøntegaard deltas (streamlic.rd) on curves whose true delta is known, and in ``streamlic eval --compare``."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
+import torch
+from PIL import Image
 
+from _models import sample_photos, tiny_model
+from streamlic import cli, codec
 from streamlic.rd import RDCurveError, bd_psnr, bd_rate
 
 # a concave, CompressAI-like curve: PSNR against bpp
@@ -56,3 +61,41 @@ def test_too_few_points_or_bad_values_are_errors():
     with pytest.raises(RDCurveError, match="same quality"):
         bd_rate(ANCHOR_BPP, [27.1, 27.1, 31.2, 33.1, 35.0], ANCHOR_BPP, ANCHOR_PSNR)
     assert math.isfinite(bd_rate(ANCHOR_BPP[:4], ANCHOR_PSNR[:4], ANCHOR_BPP, ANCHOR_PSNR))
+
+
+# ---------------------------------------------------------------------------- streamlic eval --compare
+
+def _write_checkpoint(model, path):
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def test_eval_compare_prints_and_records_the_bd_rate(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    name, x = sample_photos()[0]
+    Image.fromarray(codec.to_uint8(x[0]).permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
+    # four RD points with distinct quality: two stages of two datapaths (stage 5 would repeat stage 4's PSNR)
+    checkpoints = [_write_checkpoint(tiny_model(hardware=hw, stage=stage), tmp_path / f"{hw}-{stage}.ckpt")
+                   for hw in ("w12a12", "w8a8") for stage in ("qat", "fix_encoder")]
+    ours = tmp_path / "ours.json"
+    assert cli.main(["eval", str(folder), "-c", *map(str, checkpoints), "-o", str(ours)]) == 0
+    results = json.loads(ours.read_text())
+    # an anchor that needs 25 % more rate at every quality: we save exactly 20 %
+    anchor = {"name": "anchor", "results": {"bpp": [1.25 * b for b in results["results"]["bpp"]],
+                                            "psnr": results["results"]["psnr-rgb"]}}
+    far = {"name": "far", "results": {"bpp": results["results"]["bpp"],
+                                      "psnr-rgb": [p + 50 for p in results["results"]["psnr-rgb"]]}}
+    for entry in (anchor, far):
+        (tmp_path / f"{entry['name']}.json").write_text(json.dumps(entry))
+    capsys.readouterr()
+    compared = tmp_path / "compared.json"
+    assert cli.main(["eval", str(folder), "-c", *map(str, checkpoints), "-o", str(compared), "--compare",
+                     str(tmp_path / "anchor.json"), str(tmp_path / "far.json")]) == 0
+    out = capsys.readouterr().out
+    assert "BD-rate of StreamLIC against anchor: -20.00 %; BD-PSNR: " in out
+    assert "BD-rate of StreamLIC against far: not available (the curves do not overlap in quality" in out
+    recorded = json.loads(compared.read_text())["bd_rate"]
+    assert recorded[0]["anchor"] == "anchor" and recorded[0]["bd_rate"] == pytest.approx(-20.0, abs=1e-9)
+    assert recorded[1]["anchor"] == "far" and recorded[1]["bd_rate"] is None
+    assert "do not overlap in quality" in recorded[1]["bd_rate_error"]

@@ -67,6 +67,7 @@ from .data import ImageReadError, load_image, scan_folder
 from .entropy import CDF_PRECISION, frequencies
 from .integer_model import PAD_MULTIPLE, IntegerModel, StageError, pad_to_multiple
 from .model import StreamLIC
+from .rd import RDCurveError, bd_psnr, bd_rate
 
 log = logging.getLogger(__name__)
 
@@ -597,6 +598,34 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     return results
 
 
+def curve_points(results: dict[str, Any], metric: str = "psnr") -> list[tuple[float, float]]:
+    """``(bpp, metric)`` points of a CompressAI-format results dict, by rate, skipping missing values.
+
+    Older CompressAI results files name the metrics without the ``-rgb`` suffix.
+    """
+    values = results.get(f"{metric}-rgb", results.get(metric, []))
+    return sorted((float(bpp), float(value)) for bpp, value in zip(results["bpp"], values)
+                  if bpp is not None and value is not None)
+
+
+def bd_rate_against(results: dict[str, Any], anchor: dict[str, Any]) -> dict[str, Any]:
+    """BD-rate (percent) and BD-PSNR (dB) of ``results``' PSNR curve against ``anchor``'s.
+
+    Returns ``{"anchor", "bd_rate", "bd_psnr"}``; a delta the curves do not have (fewer than
+    four points, no overlap in PSNR for BD-rate or in rate for BD-PSNR) is ``None`` with the
+    reason under ``"bd_rate_error"`` / ``"bd_psnr_error"``.
+    """
+    curves = [curve_points(anchor["results"]), curve_points(results["results"])]
+    columns = [[point[i] for point in curve] for curve in curves for i in (0, 1)]  # anchor bpp, PSNR, test ...
+    entry: dict[str, Any] = {"anchor": anchor["name"]}
+    for key, delta in (("bd_rate", bd_rate), ("bd_psnr", bd_psnr)):
+        try:
+            entry[key] = delta(*columns)
+        except RDCurveError as err:
+            entry.update({key: None, f"{key}_error": str(err)})
+    return entry
+
+
 def plot_rd(curves: Sequence[dict[str, Any]], path: str | os.PathLike, force: bool = False) -> None:
     """PSNR and MS-SSIM (dB) against bpp for CompressAI-format results, one line each.
 
@@ -612,10 +641,8 @@ def plot_rd(curves: Sequence[dict[str, Any]], path: str | os.PathLike, force: bo
         results = curve["results"]
         for axis, metric, transform in ((psnr_axis, "psnr", float),
                                         (msssim_axis, "ms-ssim", lambda v: -10.0 * math.log10(1.0 - v))):
-            # older CompressAI results files name the metrics without the "-rgb" suffix
-            values = results.get(f"{metric}-rgb", results.get(metric, []))
-            points = sorted((float(bpp), transform(value)) for bpp, value in zip(results["bpp"], values)
-                            if bpp is not None and value is not None and (metric != "ms-ssim" or value < 1))
+            points = [(bpp, transform(value)) for bpp, value in curve_points(results, metric)
+                      if metric != "ms-ssim" or value < 1]
             if points:
                 axis.plot(*zip(*points), marker="o", label=curve["name"])
     for axis, label in ((psnr_axis, "PSNR RGB [dB]"), (msssim_axis, "MS-SSIM RGB [dB]")):
@@ -656,7 +683,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("-o", "--output", type=Path, help="results JSON (CompressAI's format)")
     evaluate.add_argument("--plot", type=Path, help="RD plot PNG")
     evaluate.add_argument("--compare", type=Path, nargs="+", default=[],
-                          help="CompressAI-format results JSON files to overlay on the plot")
+                          help="CompressAI-format results JSON files to overlay on the plot; the BD-rate of this "
+                               "curve against each is printed and stored in the output JSON")
     evaluate.add_argument("--name", default="StreamLIC", help="name of this curve in the JSON and the plot")
     evaluate.add_argument("--force", action="store_true", help="overwrite existing outputs")
     evaluate.set_defaults(func=_run_eval)
@@ -701,6 +729,15 @@ def _run_eval(args: argparse.Namespace) -> int:
                   f"{record['bpp-estimated']:8.4f} {_format(record['psnr-rgb'], 7, 2)} "
                   f"{_format(record['ms-ssim-rgb'], 8, 4)} {record['encoding_time']:7.2f} "
                   f"{record['decoding_time']:7.2f}")
+    if compared:
+        # the BD-rates travel in the results JSON; CompressAI's readers ignore the extra key
+        results["bd_rate"] = [bd_rate_against(results, anchor) for anchor in compared]
+        print()
+        for entry in results["bd_rate"]:
+            rate, psnr = (f"not available ({entry[f'{key}_error']})" if entry[key] is None else
+                          format(entry[key], fmt) + unit
+                          for key, fmt, unit in (("bd_rate", "+.2f", " %"), ("bd_psnr", "+.3f", " dB")))
+            print(f"BD-rate of {results['name']} against {entry['anchor']}: {rate}; BD-PSNR: {psnr}")
     if args.output is not None:
         text = json.dumps(results, indent=2)
         _write_atomically(args.output, lambda f: f.write(text.encode()), args.force)
