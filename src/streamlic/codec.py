@@ -67,7 +67,7 @@ from .data import ImageReadError, load_image, scan_folder
 from .entropy import CDF_PRECISION, frequencies
 from .integer_model import PAD_MULTIPLE, IntegerModel, StageError, pad_to_multiple
 from .model import StreamLIC
-from .rd import RDCurveError, bd_psnr, bd_rate
+from .rd import bd_deltas
 
 log = logging.getLogger(__name__)
 
@@ -611,19 +611,10 @@ def curve_points(results: dict[str, Any], metric: str = "psnr") -> list[tuple[fl
 def bd_rate_against(results: dict[str, Any], anchor: dict[str, Any]) -> dict[str, Any]:
     """BD-rate (percent) and BD-PSNR (dB) of ``results``' PSNR curve against ``anchor``'s.
 
-    Returns ``{"anchor", "bd_rate", "bd_psnr"}``; a delta the curves do not have (fewer than
-    four points, no overlap in PSNR for BD-rate or in rate for BD-PSNR) is ``None`` with the
-    reason under ``"bd_rate_error"`` / ``"bd_psnr_error"``.
+    Returns ``{"anchor", "bd_rate", "bd_psnr"}`` (see :func:`streamlic.rd.bd_deltas`: a delta the
+    curves do not have is ``None`` with its reason).
     """
-    curves = [curve_points(anchor["results"]), curve_points(results["results"])]
-    columns = [[point[i] for point in curve] for curve in curves for i in (0, 1)]  # anchor bpp, PSNR, test ...
-    entry: dict[str, Any] = {"anchor": anchor["name"]}
-    for key, delta in (("bd_rate", bd_rate), ("bd_psnr", bd_psnr)):
-        try:
-            entry[key] = delta(*columns)
-        except RDCurveError as err:
-            entry.update({key: None, f"{key}_error": str(err)})
-    return entry
+    return {"anchor": anchor["name"], **bd_deltas(curve_points(anchor["results"]), curve_points(results["results"]))}
 
 
 def plot_rd(curves: Sequence[dict[str, Any]], path: str | os.PathLike, force: bool = False) -> None:

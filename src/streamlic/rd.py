@@ -11,12 +11,12 @@ interval where both curves are defined.
 - BD-PSNR: ``mean(PSNR_test - PSNR_anchor)`` in dB at equal rate.
 
 This is the one home of the computation: the sweep summary and ``streamlic eval --compare``
-both call :func:`bd_rate` / :func:`bd_psnr`.
+both call :func:`bd_deltas`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from scipy.interpolate import PchipInterpolator
@@ -43,8 +43,11 @@ def _curve(rate: Sequence[float], psnr: Sequence[float], name: str) -> tuple[np.
 
 
 def _mean_gap(x_anchor: np.ndarray, y_anchor: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-              what: str) -> float:
-    """Mean of ``f_test - f_anchor`` over the overlap of the x ranges (f: pchip through the points)."""
+              what: str, shown=lambda x: x) -> float:
+    """Mean of ``f_test - f_anchor`` over the overlap of the x ranges (f: pchip through the points).
+
+    ``shown`` maps x to the unit the error messages give (rates, not their logarithms).
+    """
     for x, name in ((x_anchor, "anchor"), (x_test, "test")):
         if len(np.unique(x)) != len(x):
             raise RDCurveError(f"{name} curve: two points share the same {what}; the interpolation needs distinct "
@@ -53,8 +56,8 @@ def _mean_gap(x_anchor: np.ndarray, y_anchor: np.ndarray, x_test: np.ndarray, y_
     high = min(x_anchor.max(), x_test.max())
     if not high > low:
         raise RDCurveError(
-            f"the curves do not overlap in {what}: anchor [{x_anchor.min():.4g}, {x_anchor.max():.4g}], "
-            f"test [{x_test.min():.4g}, {x_test.max():.4g}]"
+            f"the curves do not overlap in {what}: anchor [{shown(x_anchor.min()):.4g}, {shown(x_anchor.max()):.4g}], "
+            f"test [{shown(x_test.min()):.4g}, {shown(x_test.max()):.4g}]"
         )
 
     def integral(x: np.ndarray, y: np.ndarray) -> float:
@@ -83,4 +86,21 @@ def bd_psnr(anchor_rate: Sequence[float], anchor_psnr: Sequence[float], test_rat
     """BD-PSNR of the test curve against the anchor, in dB (positive: the test has higher quality)."""
     log_rate_anchor, psnr_anchor = _curve(anchor_rate, anchor_psnr, "anchor curve")
     log_rate_test, psnr_test = _curve(test_rate, test_psnr, "test curve")
-    return _mean_gap(log_rate_anchor, psnr_anchor, log_rate_test, psnr_test, "rate")
+    return _mean_gap(log_rate_anchor, psnr_anchor, log_rate_test, psnr_test, "rate", lambda x: 10.0**x)
+
+
+def bd_deltas(anchor: Sequence[tuple[float, float]], test: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """BD-rate and BD-PSNR of ``test`` against ``anchor``, both curves as ``(rate, PSNR)`` points.
+
+    Returns ``{"bd_rate": percent, "bd_psnr": dB}``. The two deltas need different overlaps
+    (in PSNR, in rate), so each is computed on its own: one the curves do not have is ``None``,
+    with the reason under ``"bd_rate_error"`` / ``"bd_psnr_error"``.
+    """
+    columns = [[point[i] for point in curve] for curve in (anchor, test) for i in (0, 1)]
+    deltas: dict[str, Any] = {}
+    for key, delta in (("bd_rate", bd_rate), ("bd_psnr", bd_psnr)):
+        try:
+            deltas[key] = delta(*columns)
+        except RDCurveError as err:
+            deltas.update({key: None, f"{key}_error": str(err)})
+    return deltas

@@ -34,7 +34,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .model import STAGES
-from .rd import MIN_POINTS, RDCurveError, bd_psnr, bd_rate
+from .rd import MIN_POINTS, bd_deltas
 
 log = logging.getLogger(__name__)
 
@@ -168,28 +168,32 @@ def identical_models(jobs: list[Job]) -> dict[str, str]:
 
 @dataclass
 class BDResult:
-    """A BD-rate (percent) and BD-PSNR (dB), or why there is none."""
+    """A BD-rate (percent) and BD-PSNR (dB) between two curves; a missing one has its reason."""
 
     rate: float | None = None
     psnr: float | None = None
-    note: str = ""
+    rate_note: str = ""
+    psnr_note: str = ""
 
     @classmethod
     def between(cls, anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> "BDResult":
-        if len(anchor) < MIN_POINTS or len(test) < MIN_POINTS:
-            return cls(note=f"{min(len(anchor), len(test))} RD points, BD-rate needs {MIN_POINTS}")
-        try:
-            anchor_bpp, anchor_psnr = zip(*anchor)
-            test_bpp, test_psnr = zip(*test)
-            return cls(bd_rate(anchor_bpp, anchor_psnr, test_bpp, test_psnr),
-                       bd_psnr(anchor_bpp, anchor_psnr, test_bpp, test_psnr))
-        except RDCurveError as err:
-            return cls(note=str(err))
+        deltas = bd_deltas(anchor, test)
+        return cls(deltas["bd_rate"], deltas["bd_psnr"], deltas.get("bd_rate_error", ""),
+                   deltas.get("bd_psnr_error", ""))
+
+    @classmethod
+    def missing(cls, reason: str) -> "BDResult":
+        return cls(rate_note=reason, psnr_note=reason)
+
+    @property
+    def note(self) -> str:
+        notes = dict.fromkeys(note for note in (self.rate_note, self.psnr_note) if note)  # once if equal
+        return "; ".join(notes)
 
     def cells(self) -> tuple[str, str]:
-        if self.rate is None:
-            return f"n/a: {self.note}", "n/a"
-        return f"{self.rate:+.2f} %", f"{self.psnr:+.3f} dB"
+        rate = f"n/a: {self.rate_note}" if self.rate is None else f"{self.rate:+.2f} %"
+        psnr = f"n/a: {self.psnr_note}" if self.psnr is None else f"{self.psnr:+.3f} dB"
+        return rate, psnr
 
 
 @dataclass
@@ -244,7 +248,7 @@ def group_jobs(jobs: list[Job], reference: str | None = None) -> tuple[list[Grou
     for group in groups:
         first = group.curve(FIRST_STAGE)
         group.stage5_vs_stage1 = (BDResult.between(first, group.curve(LAST_STAGE)) if first
-                                  else BDResult(note="no stage-1 points (the jobs started at a later stage)"))
+                                  else BDResult.missing("no stage-1 points (the jobs started at a later stage)"))
         group.vs_reference = (BDResult(0.0, 0.0) if group is anchor
                               else BDResult.between(anchor.curve(LAST_STAGE), group.curve(LAST_STAGE)))
     return groups, anchor
