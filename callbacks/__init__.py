@@ -1,7 +1,8 @@
 """Lightning callbacks of the StreamLIC training run (a top-level package, next to ``train.py``).
 
 - :class:`StageSchedule` fires the five stage transitions at the configured epochs, sets each
-  stage's learning rate, writes the stage checkpoints and the stage report.
+  stage's learning rate (and moves it within the stage, :class:`LRSchedule`), writes the stage
+  checkpoints and the stage report.
 - :class:`StageProgressBar` shows the current stage in the progress bar.
 - :class:`NonFiniteGuard` stops the run before a NaN/Inf gradient reaches the weights.
 - :class:`RunRecord` carries the run's config and invocations in every checkpoint.
@@ -10,10 +11,11 @@
 from .guard import NonFiniteGuard, NonFiniteLossError
 from .progress import StageProgressBar
 from .run_record import RunRecord, invocation, read_run_record
-from .stages import (STAGE_CHECKPOINT_KEY, STAGE_CHECKPOINT_NAMES, StageSchedule, StageSpec, parse_schedule,
-                     read_finished_stages)
+from .stages import (STAGE_CHECKPOINT_KEY, STAGE_CHECKPOINT_NAMES, LRSchedule, StageSchedule, StageSpec,
+                     parse_schedule, read_finished_stages)
 
 __all__ = [
-    "NonFiniteGuard", "NonFiniteLossError", "RunRecord", "STAGE_CHECKPOINT_KEY", "STAGE_CHECKPOINT_NAMES",
-    "StageProgressBar", "StageSchedule", "StageSpec", "invocation", "parse_schedule", "read_finished_stages", "read_run_record",
+    "LRSchedule", "NonFiniteGuard", "NonFiniteLossError", "RunRecord", "STAGE_CHECKPOINT_KEY",
+    "STAGE_CHECKPOINT_NAMES", "StageProgressBar", "StageSchedule", "StageSpec", "invocation", "parse_schedule",
+    "read_finished_stages", "read_run_record",
 ]

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("-o", "--output", type=Path, help="results JSON (CompressAI's format)")
     evaluate.add_argument("--plot", type=Path, help="RD plot PNG")
     evaluate.add_argument("--compare", type=Path, nargs="+", default=[],
-                          help="CompressAI-format results JSON files to overlay on the plot")
+                          help="CompressAI-format results JSON files to overlay on the plot; the BD-rate of this "
+                               "curve against each is printed and stored in the output JSON")
     evaluate.add_argument("--name", default="StreamLIC", help="name of this curve in the JSON and the plot")
     evaluate.add_argument("--force", action="store_true", help="overwrite existing outputs")
     evaluate.set_defaults(func=_run_codec("run_eval"))

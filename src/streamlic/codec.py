@@ -70,6 +70,7 @@ from .params import StageError
 from .cli import DECODED_SUFFIX, FILE_SUFFIX
 from .topology import LATENT_STRIDE, PAD_MULTIPLE, pad_to_multiple
 from .model import StreamLIC
+from .rd import bd_deltas
 
 log = logging.getLogger(__name__)
 
@@ -621,6 +622,25 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     return results
 
 
+def curve_points(results: dict[str, Any], metric: str = "psnr") -> list[tuple[float, float]]:
+    """``(bpp, metric)`` points of a CompressAI-format results dict, by rate, skipping missing values.
+
+    Older CompressAI results files name the metrics without the ``-rgb`` suffix.
+    """
+    values = results.get(f"{metric}-rgb", results.get(metric, []))
+    return sorted((float(bpp), float(value)) for bpp, value in zip(results["bpp"], values)
+                  if bpp is not None and value is not None)
+
+
+def bd_rate_against(results: dict[str, Any], anchor: dict[str, Any]) -> dict[str, Any]:
+    """BD-rate (percent) and BD-PSNR (dB) of ``results``' PSNR curve against ``anchor``'s.
+
+    Returns ``{"anchor", "bd_rate", "bd_psnr"}`` (see :func:`streamlic.rd.bd_deltas`: a delta the
+    curves do not have is ``None`` with its reason).
+    """
+    return {"anchor": anchor["name"], **bd_deltas(curve_points(anchor["results"]), curve_points(results["results"]))}
+
+
 def plot_rd(curves: Sequence[dict[str, Any]], path: str | os.PathLike, force: bool = False) -> None:
     """PSNR and MS-SSIM (dB) against bpp for CompressAI-format results, one line each.
 
@@ -636,10 +656,8 @@ def plot_rd(curves: Sequence[dict[str, Any]], path: str | os.PathLike, force: bo
         results = curve["results"]
         for axis, metric, transform in ((psnr_axis, "psnr", float),
                                         (msssim_axis, "ms-ssim", lambda v: -10.0 * math.log10(1.0 - v))):
-            # older CompressAI results files name the metrics without the "-rgb" suffix
-            values = results.get(f"{metric}-rgb", results.get(metric, []))
-            points = sorted((float(bpp), transform(value)) for bpp, value in zip(results["bpp"], values)
-                            if bpp is not None and value is not None and (metric != "ms-ssim" or value < 1))
+            points = [(bpp, transform(value)) for bpp, value in curve_points(results, metric)
+                      if metric != "ms-ssim" or value < 1]
             if points:
                 axis.plot(*zip(*points), marker="o", label=curve["name"])
     for axis, label in ((psnr_axis, "PSNR RGB [dB]"), (msssim_axis, "MS-SSIM RGB [dB]")):
@@ -695,6 +713,15 @@ def run_eval(args: argparse.Namespace) -> int:
                   f"{record['bpp-estimated']:8.4f} {_format(record['psnr-rgb'], 7, 2)} "
                   f"{_format(record['ms-ssim-rgb'], 8, 4)} {record['encoding_time']:7.2f} "
                   f"{record['decoding_time']:7.2f}")
+    if compared:
+        # the BD-rates travel in the results JSON; CompressAI's readers ignore the extra key
+        results["bd_rate"] = [bd_rate_against(results, anchor) for anchor in compared]
+        print()
+        for entry in results["bd_rate"]:
+            rate, psnr = (f"not available ({entry[f'{key}_error']})" if entry[key] is None else
+                          format(entry[key], fmt) + unit
+                          for key, fmt, unit in (("bd_rate", "+.2f", " %"), ("bd_psnr", "+.3f", " dB")))
+            print(f"BD-rate of {results['name']} against {entry['anchor']}: {rate}; BD-PSNR: {psnr}")
     if args.output is not None:
         text = json.dumps(results, indent=2)
         _write_atomically(args.output, lambda f: f.write(text.encode()), args.force)

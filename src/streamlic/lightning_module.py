@@ -35,6 +35,19 @@ log = logging.getLogger(__name__)
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 MS_SSIM_KERNEL = 11
 AUX_PARAMETER_SUFFIX = ".quantiles"  # the EntropyBottleneck's quantiles train on the aux loss only
+# lambda of CompressAI's pretrained quality levels 1..8 per distortion: users compare against those curves
+COMPRESSAI_LAMBDAS = {
+    "mse": (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800),
+    "ms-ssim": (2.40, 4.58, 8.73, 16.64, 31.73, 60.50, 115.37, 220.00),
+}
+
+
+def quality_lambda(quality: int, distortion: str) -> float:
+    """The lambda of CompressAI's quality level ``quality`` (1..8) for ``distortion``."""
+    levels = COMPRESSAI_LAMBDAS[distortion]
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= len(levels):
+        raise ValueError(f"module.quality={quality!r}: expected an integer from 1 to {len(levels)}")
+    return levels[quality - 1]
 
 
 def bits_per_pixel(likelihoods: Mapping[str, Tensor], num_pixels: int) -> Tensor:
@@ -115,6 +128,8 @@ class StreamLICModule(L.LightningModule):
         lmbda: rate-distortion trade-off; the distortion is ``255**2 * MSE`` for ``"mse"``
             and ``1 - MS-SSIM`` for ``"ms-ssim"``.
         distortion: ``"mse"`` or ``"ms-ssim"``.
+        quality: CompressAI's quality level 1..8; when given, ``lmbda`` is that level's
+            lambda for ``distortion`` (:data:`COMPRESSAI_LAMBDAS`) and the ``lmbda`` argument is ignored.
         learning_rate: main optimizer's initial rate; the stage callback sets the rate of
             each stage at every epoch start.
         aux_learning_rate: rate of the EntropyBottleneck quantiles' optimizer.
@@ -133,15 +148,19 @@ class StreamLICModule(L.LightningModule):
         aux_learning_rate: float = 1e-3,
         clip_grad_norm: float | None = 1.0,
         seed: int | None = None,
+        quality: int | None = None,
     ) -> None:
         super().__init__()
         if distortion not in ("mse", "ms-ssim"):
             raise ValueError(f"module.distortion={distortion!r}: expected 'mse' or 'ms-ssim'")
+        if quality is not None:
+            lmbda = quality_lambda(quality, distortion)
         if lmbda <= 0:
             raise ValueError(f"module.lmbda={lmbda}: must be positive")
         self.automatic_optimization = False
         self.model = model
         self.lmbda = lmbda
+        self.quality = quality
         self.distortion = distortion
         self.learning_rate = learning_rate
         self.aux_learning_rate = aux_learning_rate
