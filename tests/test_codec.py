@@ -13,10 +13,11 @@ from PIL import Image
 
 from _models import sample_photos, tiny_model
 from streamlic import cli, codec
-from streamlic.codec import CodecError, HEADER_SIZE, StreamCodec
+from streamlic.codec import HEADER_SIZE, CodecError, StreamCodec
+from streamlic.codec.bitstream import SYNTHESIS_STRIP_ROWS
 from streamlic.data import demo_images, load_image
 from streamlic.integer_model import IntegerModel
-from streamlic.topology import pad_to_multiple
+from streamlic.topology import PAD_MULTIPLE, pad_to_multiple
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_strip_synthesis_equals_whole_image_synthesis(codecs):
     encoder = codecs["pdf"]
     image = dict(demo_images("test"))["rocket"]  # 427 x 640: 28 latent rows, four strips, the last one short
     code = encoder.encode(image).code
-    assert code.y_hat_q.shape[2] > 3 * codec.SYNTHESIS_STRIP_ROWS
+    assert code.y_hat_q.shape[2] > 3 * SYNTHESIS_STRIP_ROWS
     assert torch.equal(encoder.reconstruct(code), encoder.engine.synthesis(code.y_hat_q))
 
 
@@ -96,7 +97,7 @@ def test_file_size_matches_the_rate_the_stage5_model_trains_on(models, codecs):
     for name, image in demo_images("test"):
         encoded = encoder.encode(image)
         with torch.no_grad():
-            out = model(pad_to_multiple(image[None], codec.PAD_MULTIPLE))
+            out = model(pad_to_multiple(image[None], PAD_MULTIPLE))
         model_bytes = float(sum(-torch.log2(lk).sum() for lk in out["likelihoods"].values())) / 8
         assert abs(len(encoded.data) - model_bytes) <= 0.01 * model_bytes + HEADER_SIZE, name
         # the rANS streams cost their ideal length under the 16-bit tables plus a few flush bytes

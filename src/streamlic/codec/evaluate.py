@@ -1,0 +1,230 @@
+"""``streamlic eval``: rate-distortion of checkpoints on an image folder, CompressAI results files, RD plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ..data import scan_folder
+from ..rd import bd_deltas
+from .bitstream import CodecError, StreamCodec
+from .io import CodecSource, check_output, load_codec, load_image_file, to_uint8, write_atomically
+
+MSSSIM_MIN_SIDE = 161  # 5 scales of an 11-pixel window need more than 160 pixels per side
+
+
+def psnr_8bit(reference: Tensor, decoded: Tensor) -> float:
+    """PSNR in dB of two images [3, H, W] after rounding both to 8 bits (as written to disk)."""
+    mse = torch.mean((to_uint8(reference).double() - to_uint8(decoded).double()) ** 2)
+    return float(10.0 * torch.log10(255.0**2 / mse)) if mse > 0 else math.inf
+
+
+def ms_ssim_8bit(reference: Tensor, decoded: Tensor) -> float | None:
+    """MS-SSIM (torchmetrics, 5 scales) of the 8-bit images; None below 161 pixels a side."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    if min(reference.shape[-2:]) < MSSSIM_MIN_SIDE:
+        return None
+    a = to_uint8(reference).float()[None] / 255.0
+    b = to_uint8(decoded).float()[None] / 255.0
+    return float(multiscale_structural_similarity_index_measure(b, a, data_range=1.0))
+
+
+def _finite_mean(values: Sequence[float | None]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _json_number(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def evaluate_images(codec: StreamCodec, images: Sequence[tuple[str, Tensor | Path]], progress: bool = True,
+                    description: str = "eval") -> list[dict[str, Any]]:
+    """Encode and decode each (name, image [3, H, W] or image file) through real bytes; one record each."""
+    from tqdm import tqdm
+
+    records = []
+    for name, image in tqdm(images, desc=description, unit="image", disable=not progress):
+        if not isinstance(image, Tensor):
+            image = load_image_file(image)
+        start = time.perf_counter()
+        encoded = codec.encode(image)
+        encode_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        decoded = codec.decode(encoded.data, name)
+        decode_seconds = time.perf_counter() - start
+        records.append({
+            "name": name, "height": encoded.height, "width": encoded.width, "bytes": len(encoded.data),
+            "bpp": encoded.bpp, "bpp-estimated": encoded.estimated_bpp,
+            "psnr-rgb": _json_number(psnr_8bit(image, decoded)), "ms-ssim-rgb": ms_ssim_8bit(image, decoded),
+            "encoding_time": encode_seconds, "decoding_time": decode_seconds,
+        })
+    return records
+
+
+RESULT_METRICS = ("bpp", "bpp-estimated", "psnr-rgb", "ms-ssim-rgb", "encoding_time", "decoding_time")
+
+
+def _warm_up(codec: StreamCodec, image: Tensor | Path) -> None:
+    """One untimed round trip: the first call pays one-time setup (allocator, kernels, tables)."""
+    if not isinstance(image, Tensor):
+        image = load_image_file(image)
+    codec.decode(codec.encode(image).data, "warm-up")
+
+
+def evaluate_folder(checkpoints: Sequence[CodecSource], folder: str | os.PathLike, name: str = "StreamLIC",
+                    progress: bool = True) -> dict[str, Any]:
+    """Rate-distortion results of one or more checkpoints on every image under ``folder``.
+
+    Returns CompressAI's results format: ``results`` holds one value per checkpoint (the mean
+    over the images) for each metric, so several checkpoints make an RD curve; ``per_image``
+    holds the records behind each point. Unreadable images are reported and skipped.
+
+    Metrics: ``bpp`` counts every byte of the file (header included) per original pixel;
+    ``bpp-estimated`` is the ideal code length of the coded symbols under the 16-bit coding
+    tables (``-log2(frequency / 2**16)``, the likelihoods stage 5 trains on); ``psnr-rgb`` and
+    ``ms-ssim-rgb`` compare the 8-bit input with the 8-bit decoded image (MS-SSIM is null
+    for images under 161 pixels a side); times are seconds of :meth:`StreamCodec.encode`
+    and :meth:`StreamCodec.decode`, without reading or writing files, measured after one
+    untimed round trip (as CompressAI's timings are); loading the checkpoint and that first
+    round trip are ``setup_time`` of each ``per_image`` entry.
+    """
+    paths = scan_folder(folder)
+    if not paths:
+        raise CodecError(f"{folder}: no readable images")
+    root = Path(folder)
+    images = [(str(path.relative_to(root)), path) for path in paths]
+    results: dict[str, list] = {metric: [] for metric in RESULT_METRICS}
+    per_image = []
+    for source in checkpoints:
+        label = source if isinstance(source, (str, os.PathLike)) else type(source).__name__
+        start = time.perf_counter()
+        codec = load_codec(source)
+        _warm_up(codec, images[0][1])
+        setup_seconds = time.perf_counter() - start
+        records = evaluate_images(codec, images, progress, description=f"eval {Path(str(label)).name}")
+        for metric in RESULT_METRICS:
+            results[metric].append(_finite_mean([record[metric] for record in records]))
+        per_image.append({"checkpoint": str(label), "setup_time": setup_seconds, "images": records})
+    return {
+        "name": name,
+        "description": f"StreamLIC, exact integer decoder, rANS with 16-bit tables; {len(images)} images in {root}",
+        "results": results,
+        "per_image": per_image,
+    }
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """A CompressAI-format results file (``name``, ``results.bpp``, ``results.psnr-rgb`` ...)."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text())
+        bpp = results["results"]["bpp"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CodecError(f"{path}: not a CompressAI results file ({err})") from err
+    if not isinstance(bpp, list):
+        raise CodecError(f"{path}: results.bpp must be a list")
+    results.setdefault("name", path.stem)
+    return results
+
+
+def curve_points(results: dict[str, Any], metric: str = "psnr") -> list[tuple[float, float]]:
+    """``(bpp, metric)`` points of a CompressAI-format results dict, by rate, skipping missing values.
+
+    Older CompressAI results files name the metrics without the ``-rgb`` suffix.
+    """
+    values = results.get(f"{metric}-rgb", results.get(metric, []))
+    return sorted((float(bpp), float(value)) for bpp, value in zip(results["bpp"], values)
+                  if bpp is not None and value is not None)
+
+
+def bd_rate_against(results: dict[str, Any], anchor: dict[str, Any]) -> dict[str, Any]:
+    """BD-rate (percent) and BD-PSNR (dB) of ``results``' PSNR curve against ``anchor``'s.
+
+    Returns ``{"anchor", "bd_rate", "bd_psnr"}`` (see :func:`streamlic.rd.bd_deltas`: a delta the
+    curves do not have is ``None`` with its reason).
+    """
+    return {"anchor": anchor["name"], **bd_deltas(curve_points(anchor["results"]), curve_points(results["results"]))}
+
+
+def plot_rd(curves: Sequence[dict[str, Any]], path: str | os.PathLike, force: bool = False) -> None:
+    """PSNR and MS-SSIM (dB) against bpp for CompressAI-format results, one line each.
+
+    MS-SSIM is drawn as ``-10 log10(1 - MS-SSIM)``, as in CompressAI's plots.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (psnr_axis, msssim_axis) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for curve in curves:
+        results = curve["results"]
+        for axis, metric, transform in ((psnr_axis, "psnr", float),
+                                        (msssim_axis, "ms-ssim", lambda v: -10.0 * math.log10(1.0 - v))):
+            points = [(bpp, transform(value)) for bpp, value in curve_points(results, metric)
+                      if metric != "ms-ssim" or value < 1]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=curve["name"])
+    for axis, label in ((psnr_axis, "PSNR RGB [dB]"), (msssim_axis, "MS-SSIM RGB [dB]")):
+        axis.set_xlabel("bits per pixel")
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.4)
+        if axis.lines:
+            axis.legend()
+    figure.tight_layout()
+    output = Path(path)
+    write_atomically(output, lambda f: figure.savefig(f, format="png", dpi=120), force)
+    plt.close(figure)
+
+def run_eval(args: argparse.Namespace) -> int:
+    for path in (args.output, args.plot):
+        if path is not None:
+            check_output(path, args.force)
+    compared = [load_results(path) for path in args.compare]  # fail on a bad file before the long run
+    results = evaluate_folder(args.checkpoint, args.folder, name=args.name)
+    for point in results["per_image"]:
+        print(f"\n{point['checkpoint']} (setup {point['setup_time']:.2f} s, not in the timings)")
+        print(f"{'image':32s} {'size':>11s} {'bpp':>8s} {'est.bpp':>8s} {'PSNR':>7s} {'MS-SSIM':>8s} "
+              f"{'enc s':>7s} {'dec s':>7s}")
+        for record in point["images"] + [_mean_record(point["images"])]:
+            size = f"{record['width']}x{record['height']}" if "width" in record else ""
+            print(f"{record['name'][:32]:32s} {size:>11s} {record['bpp']:8.4f} "
+                  f"{record['bpp-estimated']:8.4f} {_format(record['psnr-rgb'], 7, 2)} "
+                  f"{_format(record['ms-ssim-rgb'], 8, 4)} {record['encoding_time']:7.2f} "
+                  f"{record['decoding_time']:7.2f}")
+    if compared:
+        # the BD-rates travel in the results JSON; CompressAI's readers ignore the extra key
+        results["bd_rate"] = [bd_rate_against(results, anchor) for anchor in compared]
+        print()
+        for entry in results["bd_rate"]:
+            rate, psnr = (f"not available ({entry[f'{key}_error']})" if entry[key] is None else
+                          format(entry[key], fmt) + unit
+                          for key, fmt, unit in (("bd_rate", "+.2f", " %"), ("bd_psnr", "+.3f", " dB")))
+            print(f"BD-rate of {results['name']} against {entry['anchor']}: {rate}; BD-PSNR: {psnr}")
+    if args.output is not None:
+        text = json.dumps(results, indent=2)
+        write_atomically(args.output, lambda f: f.write(text.encode()), args.force)
+        print(f"wrote {args.output}")
+    if args.plot is not None:
+        plot_rd([results, *compared], args.plot, args.force)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _mean_record(records: list[dict[str, Any]]) -> dict[str, Any]:
+    mean = {metric: _finite_mean([record[metric] for record in records]) for metric in RESULT_METRICS}
+    return {**mean, "name": "mean"}
+
+
+def _format(value: float | None, width: int, decimals: int) -> str:
+    return f"{'-':>{width}s}" if value is None else f"{value:{width}.{decimals}f}"
