@@ -77,7 +77,8 @@ def test_plateau_halves_the_rate_and_resumes_bit_identically(tmp_path):
     first = _plateau_run(tmp_path, "resumed", ["trainer.max_epochs=3"])  # stops inside stage 1
     assert first["stage"] == "aun"
     last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
-    resumed = _plateau_run(tmp_path, "resumed", [f"ckpt_path={last}"])
+    # the run was stopped by its own max_epochs=3: the resume lengthens it to the schedule's 8 epochs
+    resumed = _plateau_run(tmp_path, "resumed", [f"ckpt_path={last}", "trainer.max_epochs=8"])
     assert resumed["stage"] == "pdf"
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(last, map_location="cpu", weights_only=False)

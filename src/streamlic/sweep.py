@@ -33,6 +33,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from . import topology
 from .model import STAGES
 from .rd import MIN_POINTS, bd_deltas
 
@@ -42,7 +43,6 @@ RESULTS_FILE = "results.json"
 SUMMARY_STEM = "summary"
 RD_PLOT = "rd.png"
 BD_MACS_PLOT = "bd_rate_macs.png"
-LATENT_DOWNSAMPLING = 16  # one latent position per 16 x 16 image pixels
 FINISHED = "finished"
 LAMBDA_KEYS = ("module.lmbda", "module.quality")  # the points along one RD curve
 DENSITY_KEYS = ("sparsity.density", "sparsity.layers")  # overrides that only change blocks per group
@@ -56,15 +56,16 @@ def context_macs_per_pixel(model) -> dict[str, Any]:
     mask keeps once masks are set, and the configured ``blocks per group x PI x PO`` per
     output group before that.
     """
-    per_pixel = 1.0 / LATENT_DOWNSAMPLING**2
+    per_pixel = 1.0 / topology.LATENT_STRIDE**2
     layers = {}
     for name, layer in model.sparse_layers().items():
-        kh, kw = layer.kernel_size
-        dense = layer.out_channels * layer.in_channels * kh * kw
+        spec = topology.layer_with(model.model_cfg, sparse=name)
+        dense = topology.macs_per_position(spec)
         if layer.mask_set:
-            sparse = int(layer.mask.count_nonzero())
+            active = int(layer.mask.count_nonzero())
         else:
-            sparse = layer.out_groups * layer.blocks_per_group * layer.block_in * layer.block_out
+            active = layer.out_groups * layer.blocks_per_group * layer.block_in * layer.block_out
+        sparse = topology.macs_per_position(spec, active)
         layers[name] = {"dense": dense * per_pixel, "sparse": sparse * per_pixel, "density": sparse / dense,
                         "blocks_per_group": layer.blocks_per_group}
     dense_total = sum(entry["dense"] for entry in layers.values())

@@ -194,11 +194,6 @@ def layer_geometry(cfg: ModelConfig, height: int, width: int) -> dict[str, tuple
     return geometry
 
 
-def context_macs_per_pixel(cfg: ModelConfig, active_weights: dict[str, int]) -> dict[str, float]:
-    """Multiply-accumulates per image pixel of each sparse layer given its active weights."""
-    return {short: active_weights[short] / LATENT_STRIDE**2 for short in sparse_paths(cfg)}
-
-
 def odd_channels(channels: int) -> Tensor:
     """Mask of ep's odd output channels, which carry the scale index."""
     return torch.arange(channels) % 2 == 1
