@@ -50,7 +50,8 @@ from callbacks import (STAGE_CHECKPOINT_KEY, STAGE_CHECKPOINT_NAMES, NonFiniteLo
 from streamlic.config import ConfigError
 from streamlic.data import DataError
 from streamlic.export import export_package
-from streamlic.model import STAGES, StreamLIC
+from streamlic.model import StreamLIC
+from streamlic.stage import STAGES
 from streamlic.sweep import context_macs_per_pixel, write_results
 
 log = logging.getLogger("streamlic.train")
@@ -95,14 +96,14 @@ def load_init_checkpoint(model: StreamLIC, path: str | Path) -> str:
     """
     path = Path(path)
     state = StreamLIC.checkpoint_state_dict(path)
-    saved = state["_extra_state"]
-    if saved["flags"]["masks_set"] and saved["config"]["sparsity"] != model.sparsity_cfg.to_dict():
+    saved_sparsity = state["_extra_state"]["config"]["sparsity"]
+    model.load_state_dict(state)
+    if model.masks_set and saved_sparsity != model.sparsity_cfg.to_dict():
         raise ConfigError(
             f"sparsity={model.sparsity_cfg.to_dict()}: init_from={path} already has masks cut for "
-            f"sparsity={saved['config']['sparsity']}; start from a stage-1 checkpoint "
+            f"sparsity={saved_sparsity}; start from a stage-1 checkpoint "
             f"({STAGE_CHECKPOINT_NAMES['aun']}) to train other densities"
         )
-    model.load_state_dict(state)
     finished = read_finished_stages(torch.load(path, map_location="cpu", weights_only=False))
     if finished is not None and model.stage not in finished:
         log.warning("init_from=%s: stage %s had not finished in that run; continuing with the next stage anyway",

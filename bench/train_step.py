@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from streamlic.model import STAGES
+from streamlic.stage import STAGES
 
 SETTINGS = ((8, 256), (4, 128))
 

@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 
 from callbacks import StageSchedule
-from streamlic.model import STAGES
+from streamlic.stage import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION_BATCHES = 4

@@ -34,7 +34,8 @@ from lightning.pytorch.callbacks import Callback
 
 from streamlic.config import ConfigError
 from streamlic.distributed import average_sparse_statistics, max_activation_ranges
-from streamlic.model import STAGES, StreamLIC
+from streamlic.model import StreamLIC
+from streamlic.stage import STAGES
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import torch
 
 from streamlic import W8A8, W12A12, StreamLIC
 from streamlic.data import demo_images
-from streamlic.model import STAGES
+from streamlic.stage import STAGES
 
 TINY_MODEL = {"c1": 12, "c2": 12, "c3": 24, "M": 24, "N": 12}
 # half of the blocks: ctx1 keeps 9 of 18 per output group, ctx2 and ep 6 of 12

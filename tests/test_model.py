@@ -10,7 +10,7 @@ import torch
 from streamlic import W8A8, W12A12, ConfigError, StreamLIC
 from streamlic.data import demo_images
 from streamlic.layers import LAGC, FGPConv2d, QConv2d
-from streamlic.model import STATE_VERSION
+from streamlic.stage import STATE_VERSION
 
 TINY = {"c1": 12, "c2": 12, "c3": 24, "M": 24, "N": 12}
 SPARSE = {"density": 0.5}  # with M = 24 this keeps 1 of 2 (ctx1) and 2 of 4 (ctx2, ep) input groups per tap
@@ -275,3 +275,17 @@ def test_state_from_a_newer_release_is_refused_clearly():
     state["_extra_state"] = {**state["_extra_state"], "version": STATE_VERSION + 1}
     with pytest.raises(ValueError, match=f"model state version {STATE_VERSION + 1}"):
         StreamLIC(model=TINY, hardware=W12A12).load_state_dict(state)
+
+
+def test_the_stage_is_one_state_and_impossible_ones_are_refused():
+    model = StreamLIC(model=TINY, hardware=W12A12)
+    with pytest.raises(RuntimeError, match="fix_encoder_flag.*stage 'aun'.*qat"):
+        model.fix_encoder_flag(True)  # the encoder is fixed after QAT, not before
+    assert model.stage == "aun" and not model.encoder_fixed
+    state = model.state_dict()
+    for broken, rule in (({"stage": "pdf", "prepared": ["masks", "scales"]}, "needs initialised tables"),
+                         ({"stage": "qat", "prepared": []}, "needs frozen scales"),
+                         ({"stage": "mask", "masked": False}, "applies the masks")):
+        state["_extra_state"] = {**model.get_extra_state(), **broken}
+        with pytest.raises(ValueError, match=rule):
+            StreamLIC(model=TINY, hardware=W12A12).load_state_dict(state)

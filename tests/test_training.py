@@ -23,7 +23,8 @@ from _training import (ROOT, TINY, compose_config, load_train_module, probe_over
 from callbacks import STAGE_CHECKPOINT_NAMES, NonFiniteLossError, read_finished_stages, read_run_record
 from streamlic.config import ConfigError
 from streamlic.data import DataError
-from streamlic.model import STAGES, StreamLIC
+from streamlic.model import StreamLIC
+from streamlic.stage import STAGES
 
 FIVE_STAGES = schedule(aun=3, aun_lr=1e-3)  # stage 1 long enough to learn; one epoch for each later stage
 

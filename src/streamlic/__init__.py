@@ -10,7 +10,7 @@ from typing import Any
 _EXPORTS = {
     "ConfigError": "config", "HardwareConfig": "config", "ModelConfig": "config", "SparsityConfig": "config",
     "W8A8": "config", "W12A12": "config", "hardware_config": "config", "model_config": "config",
-    "sparsity_config": "config", "RectifiedPDF": "entropy", "STAGES": "model", "ARLiteSparse_Q": "model",
+    "sparsity_config": "config", "RectifiedPDF": "entropy", "STAGES": "stage", "ARLiteSparse_Q": "model",
     "StreamLIC": "model",
 }
 __all__ = sorted(_EXPORTS)

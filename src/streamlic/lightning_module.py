@@ -28,7 +28,8 @@ from torchmetrics.functional.image import multiscale_structural_similarity_index
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from .topology import pad_to_multiple  # the codec's padding rule: whole images to a multiple of 64
-from .model import STAGES, StreamLIC
+from .model import StreamLIC
+from .stage import STAGES
 
 log = logging.getLogger(__name__)
 

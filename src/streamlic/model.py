@@ -19,17 +19,17 @@ from .entropy import RectifiedPDF, bottleneck_pmf_table, gaussian_pmf_table
 from .layers import (LAGC, ChannelAddition, FGPConv2d, QConv2d, QLeakyReLU, QuantLayer, QUpsampleConv2d,
                      straight_through)
 from .params import export_quantized_parameters
+from .stage import STATE_VERSION, StageState, stage_state_of_version_1
 
 log = logging.getLogger(__name__)
 
-STAGES = ("aun", "mask", "qat", "fix_encoder", "pdf")
-STATE_VERSION = 2
-# Version 1 named the upsample convolutions' parameters ``<path>.conv.<name>`` and had no
-# padding slot in front of the context model; version 2 uses the research code's module paths.
+# Version 1 named the upsample convolutions' parameters ``<path>.conv.<name>``, had no padding
+# slot in front of the context model and kept the stage in seven flags; version 2 uses the
+# research code's module paths and the stage state of streamlic.stage.
 _V1_CONTEXT_SHIFT = 1
 
 
-class StreamLIC(CompressionModel):
+class StreamLIC(StageState, CompressionModel):
     """Hyperprior + row-causal context model with a fixed-point, block-sparse datapath.
 
     Sizes come from ``model`` (:class:`ModelConfig` or a mapping), bit-widths from
@@ -60,15 +60,8 @@ class StreamLIC(CompressionModel):
             if isinstance(module, QuantLayer):
                 module.layer_name = name
 
-        self.quantized = False
-        self.masked = False
-        self.encoder_fixed = False
-        self.pdf_training = False
-        self.scales_frozen = False
-        self.masks_set = False
-        self.pdf_initialized = False
-        self.rectified_cdf_y.requires_grad_(False)
-        self.rectified_cdf_z.requires_grad_(False)
+        self._init_stage_state()
+        self._apply_stage()
         self.register_load_state_dict_pre_hook(_upgrade_state_dict)
 
     # ------------------------------------------------------------------ structure
@@ -103,100 +96,50 @@ class StreamLIC(CompressionModel):
     def _quant_modules(self):
         return [m for m in self.modules() if isinstance(m, (QuantLayer, QLeakyReLU))]
 
-    # ------------------------------------------------------------------ stage API
-    @property
-    def stage(self) -> str:
-        if self.pdf_training:
-            return "pdf"
-        if self.encoder_fixed:
-            return "fix_encoder"
-        if self.quantized:
-            return "qat"
-        if self.masked:
-            return "mask"
-        return "aun"
+    # ------------------------------------------------------------------ stage preparations (streamlic.stage)
+    def _freeze_scales(self) -> None:
+        """Capture every layer's weight scales and multipliers, sub-network by sub-network."""
+        learned = [m for m in self.modules() if isinstance(m, QuantLayer) and m.fixed_scale is None]
+        measured = any(float(m.act_absmax) > 0 for m in learned)
+        if not measured:
+            log.warning("toggle_quantization: no activation range was ever measured (the model never ran in "
+                        "training mode on images); the scales are floors and the quantized model will not "
+                        "reconstruct images: train stage 1 first")
+        for name, chain in self._chains().items():
+            scale = torch.tensor(self.input_scales()[name])
+            for module in chain:
+                if hasattr(module, "freeze"):
+                    scale = module.freeze(scale)
+        raised = [m for m in learned if m.raised_range is not None]
+        if raised and measured:  # unmeasured ranges are all raised; the warning above says why
+            log.warning("%d activation range(s) raised so that their multipliers fit %d bits: %s", len(raised),
+                        self.hw.multiplier_bits, ", ".join(f"{m.layer_name} {m.raised_range[0]:.3g}->"
+                                                       f"{m.raised_range[1]:.3g}" for m in raised))
+        log.info("quantization scales captured")
 
-    def enter_stage(self, stage: str) -> None:
-        """Apply the transition into ``stage`` (the calls of DESIGN §5); re-entering changes nothing."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-        if stage == "mask":
-            self.set_all_mask()
-            self.toggle_mask(True)
-        elif stage == "qat":
-            self.toggle_quantization(True)
-        elif stage == "fix_encoder":
-            self.fix_encoder_flag(True)
-        elif stage == "pdf":
-            self.init_pdf_table()
-            self.toggle_pdf_training_flag(True)
-
-    def toggle_quantization(self, flag: bool = True) -> None:
-        """Switch fake-quant on (freezing weight/activation scales the first time) or off."""
-        if flag and not self.scales_frozen:
-            learned = [m for m in self.modules() if isinstance(m, QuantLayer) and m.fixed_scale is None]
-            measured = any(float(m.act_absmax) > 0 for m in learned)
-            if not measured:
-                log.warning("toggle_quantization: no activation range was ever measured (the model never ran in "
-                            "training mode on images); the scales are floors and the quantized model will not "
-                            "reconstruct images: train stage 1 first")
-            for name, chain in self._chains().items():
-                scale = torch.tensor(self.input_scales()[name])
-                for module in chain:
-                    if hasattr(module, "freeze"):
-                        scale = module.freeze(scale)
-            self.scales_frozen = True
-            raised = [m for m in learned if m.raised_range is not None]
-            if raised and measured:  # unmeasured ranges are all raised; the warning above says why
-                log.warning("%d activation range(s) raised so that their multipliers fit %d bits: %s", len(raised),
-                            self.hw.multiplier_bits, ", ".join(f"{m.layer_name} {m.raised_range[0]:.3g}->"
-                                                           f"{m.raised_range[1]:.3g}" for m in raised))
-            log.info("quantization scales captured")
-        self.quantized = bool(flag)
-        for module in self._quant_modules():
-            module.quantized = self.quantized
-
-    def toggle_mask(self, flag: bool = True) -> None:
-        self.masked = bool(flag)
-        for layer in self.sparse_layers().values():
-            layer.masked = self.masked
-
-    def set_all_mask(self, force: bool = False) -> None:
-        """Compute the block masks from the gathered statistics (once; ``force`` recomputes)."""
-        if self.masks_set and not force:
-            return
-        if self.scales_frozen:
-            raise RuntimeError("set_all_mask: masks must be set before quantization scales are frozen")
+    def _cut_masks(self) -> None:
         for name, layer in self.sparse_layers().items():
             layer.set_mask()
             total = layer.kernel_size[0] * layer.kernel_size[1] * layer.in_groups
             log.info("%s: block mask cut, %d of %d blocks per output group kept (density %.4g)", name,
                      layer.blocks_per_group, total, layer.blocks_per_group / total)
-        self.masks_set = True
 
-    def fix_encoder_flag(self, flag: bool = True) -> None:
-        self.encoder_fixed = bool(flag)
-        self._apply_trainability()
-
-    def init_pdf_table(self, force: bool = False) -> None:
-        """Initialise the probability tables from the current Gaussian and factorized models."""
-        if self.pdf_initialized and not force:
-            return
+    def _init_tables(self) -> None:
         sigmas = fxp.sigma_levels(torch.float32).to(self.rectified_cdf_y.logits.device)
         self.rectified_cdf_y.init_from_pmf(gaussian_pmf_table(self.gaussian_conditional, sigmas))
         self.rectified_cdf_z.init_from_pmf(bottleneck_pmf_table(self.entropy_bottleneck))
-        self.pdf_initialized = True
 
-    def toggle_pdf_training_flag(self, flag: bool = True) -> None:
-        if flag and not self.pdf_initialized:
-            raise RuntimeError("toggle_pdf_training_flag(True): call init_pdf_table() first")
-        self.pdf_training = bool(flag)
-        self._apply_trainability()
-
-    def _apply_trainability(self) -> None:
-        frozen_encoder = self.encoder_fixed or self.pdf_training
+    def _apply_stage(self) -> None:
+        """Set every layer's numerics and every parameter's trainability from the stage state."""
+        for module in self._quant_modules():
+            module.quantized = self.quantized
+            if isinstance(module, QuantLayer):
+                module.scales_frozen = module.scales_frozen or self.scales_frozen
+        for layer in self.sparse_layers().values():
+            layer.masked = self.masked
+            layer.mask_set = self.masks_set
         for module in (self.g_a, self.h_a):
-            module.requires_grad_(not frozen_encoder)
+            module.requires_grad_(not self.encoder_fixed)
         for module in (self.g_s, self.h_s, self.context_prediction, self.entropy_parameters,
                        self.entropy_bottleneck, self.gaussian_conditional):
             module.requires_grad_(not self.pdf_training)
@@ -241,8 +184,7 @@ class StreamLIC(CompressionModel):
     def get_extra_state(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
-            "flags": {k: getattr(self, k) for k in ("quantized", "masked", "encoder_fixed", "pdf_training",
-                                                     "scales_frozen", "masks_set", "pdf_initialized")},
+            **self.stage_state(),
             "config": {"model": self.model_cfg.to_dict(), "hardware": self.hw.to_dict(),
                        "sparsity": self.sparsity_cfg.to_dict()},
         }
@@ -256,23 +198,7 @@ class StreamLIC(CompressionModel):
         for key in ("model", "hardware"):
             if key in saved and saved[key] != mine[key]:
                 raise ValueError(f"checkpoint was made with {key}={saved[key]}, this model has {key}={mine[key]}")
-        flags = state["flags"]
-        # restore the stage without recomputing anything: scales and masks come from the buffers
-        self.scales_frozen = flags["scales_frozen"]
-        self.masks_set = flags["masks_set"]
-        self.pdf_initialized = flags["pdf_initialized"]
-        for module in self._quant_modules():
-            if isinstance(module, QuantLayer):
-                module.scales_frozen = self.scales_frozen
-        for layer in self.sparse_layers().values():
-            layer.mask_set = self.masks_set
-        self.toggle_mask(flags["masked"])
-        self.quantized = flags["quantized"]
-        for module in self._quant_modules():
-            module.quantized = self.quantized
-        self.encoder_fixed = flags["encoder_fixed"]
-        self.pdf_training = flags["pdf_training"]
-        self._apply_trainability()
+        self.load_stage_state(state)
 
     @staticmethod
     def checkpoint_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -462,7 +388,8 @@ def _upgrade_state_dict(module, state_dict, prefix, *args) -> None:
         new = context.sub(lambda m: f"{prefix}context_prediction.{int(m.group(1)) + _V1_CONTEXT_SHIFT}.", new)
         renamed[new] = state_dict.pop(key)
     state_dict.update(renamed)
-    state_dict[extra_key] = {**extra, "version": STATE_VERSION}
+    flags = extra["flags"]
+    state_dict[extra_key] = {"version": STATE_VERSION, "config": extra["config"], **stage_state_of_version_1(flags)}
     log.info("model state of version 1 mapped onto version %d module paths", STATE_VERSION)
 
 

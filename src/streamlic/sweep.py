@@ -34,7 +34,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from . import topology
-from .model import STAGES
+from .stage import STAGES
 from .rd import MIN_POINTS, bd_deltas
 
 log = logging.getLogger(__name__)
