@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import copy
 import functools
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from streamlic import W8A8, W12A12, StreamLIC
 from streamlic.data import demo_images
+from streamlic.metrics import rate_distortion
 from streamlic.stage import STAGES
 
-TINY_MODEL = {"c1": 12, "c2": 12, "c3": 24, "M": 24, "N": 12}
+# the tiny network of conf/model/tiny.yaml, the one definition the training tests compose too
+TINY_MODEL = dict(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml"))
 # half of the blocks: ctx1 keeps 9 of 18 per output group, ctx2 and ep 6 of 12
 TINY_SPARSITY = {"density": 0.5}
 LATENT_GAIN = 100.0
@@ -49,11 +53,7 @@ def training_batches(steps: int, batch: int = 4, crop: int = CROP, seed: int = 0
 
 
 def rd_loss(model: StreamLIC, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    pixels = x.shape[0] * x.shape[2] * x.shape[3]
-    bpp = sum(-torch.log2(lk).sum() for lk in out["likelihoods"].values()) / pixels
-    mse = torch.mean((out["x_hat"] - x) ** 2) * 255.0**2
-    return bpp + LAMBDA * mse
+    return rate_distortion(model(x), x, LAMBDA)["loss"]
 
 
 def train_steps(model: StreamLIC, steps: int, lr: float = 1e-3, seed: int = 0) -> None:

@@ -7,31 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from _models import TINY_MODEL as TINY
 from streamlic import W8A8, W12A12, ConfigError, StreamLIC
-from streamlic.data import demo_images
 from streamlic.layers import LAGC, FGPConv2d, QConv2d
+from streamlic.metrics import rate_distortion
 from streamlic.stage import STATE_VERSION
 
-TINY = {"c1": 12, "c2": 12, "c3": 24, "M": 24, "N": 12}
 SPARSE = {"density": 0.5}  # with M = 24 this keeps 1 of 2 (ctx1) and 2 of 4 (ctx2, ep) input groups per tap
-
-
-@pytest.fixture(scope="module")
-def photos():
-    """Four 64x64 crops of real demo photos."""
-    crops = []
-    for _, image in demo_images("train")[:4]:
-        _, h, w = image.shape
-        crops.append(image[:, h // 2 - 32:h // 2 + 32, w // 2 - 32:w // 2 + 32])
-    return torch.stack(crops)
 
 
 def rd_loss(model, x, lmbda=0.01):
     out = model(x)
-    pixels = x.shape[0] * x.shape[2] * x.shape[3]
-    bpp = sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values()) / pixels
-    mse = torch.mean((out["x_hat"] - x) ** 2)
-    return bpp + lmbda * 255**2 * mse, out
+    return rate_distortion(out, x, lmbda)["loss"], out
 
 
 def train_steps(model, x, steps, lr=1e-3):

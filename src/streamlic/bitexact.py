@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from . import topology
 from .integer_model import IntegerModel
 from .layers import LAGC, ChannelAddition, QConv2d, QLeakyReLU
 from .params import require_integer_stage

@@ -217,8 +217,13 @@ def scan_folder(root: str | os.PathLike, min_size: PatchSize = 1) -> list[Path]:
     return usable
 
 
-def _crop_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (neighbouring epochs/indices share nothing)."""
+def mixed_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers: neighbouring epochs, indices or steps share nothing.
+
+    The one seed rule of the project: training crops and order (seed, epoch, index) and the
+    training noise of each step (seed, step, rank) depend only on these numbers, so a resumed
+    run draws what the uninterrupted run drew.
+    """
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
@@ -304,7 +309,7 @@ class ImageListDataset(Dataset):
             top, left = (height - patch_h) // 2, (width - patch_w) // 2
             return image[:, top : top + patch_h, left : left + patch_w].contiguous()
 
-        generator = None if self.seed is None else torch.Generator().manual_seed(_crop_seed(self.seed, epoch, index))
+        generator = None if self.seed is None else torch.Generator().manual_seed(mixed_seed(self.seed, epoch, index))
         top = int(torch.randint(0, height - patch_h + 1, (1,), generator=generator))
         left = int(torch.randint(0, width - patch_w + 1, (1,), generator=generator))
         patch = image[:, top : top + patch_h, left : left + patch_w]
@@ -333,7 +338,7 @@ class EpochSeededSampler(Sampler):
         return self.num_items
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(_crop_seed(self.seed, self.epoch))
+        generator = torch.Generator().manual_seed(mixed_seed(self.seed, self.epoch))
         for index in torch.randperm(self.num_items, generator=generator).tolist():
             yield self.epoch, index
 

@@ -15,26 +15,22 @@ stage and after every resume.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Literal, Mapping
 
 import lightning as L
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
-from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from .topology import pad_to_multiple  # the codec's padding rule: whole images to a multiple of 64
+from .data import mixed_seed
+from .metrics import ms_ssim, rate_distortion
 from .model import StreamLIC
 from .stage import STAGES
+from .topology import pad_to_multiple  # the codec's padding rule: whole images to a multiple of 64
 
 log = logging.getLogger(__name__)
 
-MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-MS_SSIM_KERNEL = 11
 AUX_PARAMETER_SUFFIX = ".quantiles"  # the EntropyBottleneck's quantiles train on the aux loss only
 # lambda of CompressAI's pretrained quality levels 1..8 per distortion: users compare against those curves
 COMPRESSAI_LAMBDAS = {
@@ -49,34 +45,6 @@ def quality_lambda(quality: int, distortion: str) -> float:
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= len(levels):
         raise ValueError(f"module.quality={quality!r}: expected an integer from 1 to {len(levels)}")
     return levels[quality - 1]
-
-
-def bits_per_pixel(likelihoods: Mapping[str, Tensor], num_pixels: int) -> Tensor:
-    """Estimated rate of a batch: total -log2 likelihood over the number of image pixels."""
-    total = sum(torch.log(likelihood).sum() for likelihood in likelihoods.values())
-    return total / (-math.log(2) * num_pixels)
-
-
-def ms_ssim_scales(height: int, width: int) -> int:
-    """How many MS-SSIM scales an image supports (5 from 176 px on; fewer on small crops).
-
-    torchmetrics needs ``side // (scales - 1)**2 > kernel_size - 1`` on both sides.
-    """
-    side = min(height, width)
-    usable = [n for n in range(1, len(MS_SSIM_BETAS) + 1) if side // max(1, n - 1) ** 2 > MS_SSIM_KERNEL - 1]
-    if not usable:
-        raise ValueError(f"image {height}x{width} is too small for MS-SSIM (kernel {MS_SSIM_KERNEL})")
-    return usable[-1]
-
-
-def ms_ssim(x_hat: Tensor, x: Tensor) -> Tensor:
-    """Per-image MS-SSIM of images in [0, 1]; small images use the first scales' weights, renormalised."""
-    scales = ms_ssim_scales(*x.shape[-2:])
-    betas = torch.tensor(MS_SSIM_BETAS[:scales], dtype=torch.float64)
-    betas = tuple((betas / betas.sum()).tolist())
-    return multiscale_structural_similarity_index_measure(
-        x_hat, x, data_range=1.0, kernel_size=MS_SSIM_KERNEL, betas=betas, reduction="none"
-    )
 
 
 class RateDistortionMetrics(nn.Module):
@@ -114,11 +82,6 @@ class RateDistortionMetrics(nn.Module):
     def reset(self) -> None:
         for metric in self.items().values():
             metric.reset()
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A well-mixed seed for one training step on one rank (neighbouring steps share nothing)."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 class StreamLICModule(L.LightningModule):
@@ -174,17 +137,8 @@ class StreamLICModule(L.LightningModule):
 
     # ------------------------------------------------------------------ loss
     def rate_distortion(self, x: Tensor, out: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Loss terms of one batch: ``loss``, ``bpp``, ``mse`` (and ``ms_ssim`` for that distortion)."""
-        height, width = x.shape[-2:]
-        bpp = bits_per_pixel(out["likelihoods"], x.shape[0] * height * width)
-        mse = F.mse_loss(out["x_hat"], x)
-        terms = {"bpp": bpp, "mse": mse}
-        if self.distortion == "mse":
-            terms["loss"] = self.lmbda * 255.0**2 * mse + bpp
-        else:
-            terms["ms_ssim"] = ms_ssim(out["x_hat"], x).mean()
-            terms["loss"] = self.lmbda * (1.0 - terms["ms_ssim"]) + bpp
-        return terms
+        """Loss terms of one batch (:func:`streamlic.metrics.rate_distortion`)."""
+        return rate_distortion(out, x, self.lmbda, self.distortion)
 
     @property
     def group_lasso_active(self) -> bool:
@@ -212,7 +166,7 @@ class StreamLICModule(L.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         if self.seed is not None:
-            torch.manual_seed(step_seed(self.seed, self.global_step, self.global_rank))
+            torch.manual_seed(mixed_seed(self.seed, self.global_step, self.global_rank))
         x = batch
         out, clamped = self._forward(x)
         terms = self.rate_distortion(x, out)

@@ -54,7 +54,6 @@ import torch
 from compressai.ans import RansDecoder
 from torch import Tensor
 
-from .. import fixedpoint as fxp
 from ..integer_model import IntegerModel
 from ..topology import LATENT_STRIDE, PAD_MULTIPLE, pad_to_multiple
 from .tables import RansTables, channel_tables, rows_first, single_thread

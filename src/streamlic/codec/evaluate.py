@@ -14,12 +14,10 @@ import torch
 from torch import Tensor
 
 from ..data import scan_folder
+from ..metrics import ms_ssim
 from ..rd import bd_deltas
 from .bitstream import CodecError, StreamCodec
 from .io import CodecSource, check_output, load_codec, load_image_file, to_uint8, write_atomically
-
-MSSSIM_MIN_SIDE = 161  # 5 scales of an 11-pixel window need more than 160 pixels per side
-
 
 def psnr_8bit(reference: Tensor, decoded: Tensor) -> float:
     """PSNR in dB of two images [3, H, W] after rounding both to 8 bits (as written to disk)."""
@@ -27,15 +25,11 @@ def psnr_8bit(reference: Tensor, decoded: Tensor) -> float:
     return float(10.0 * torch.log10(255.0**2 / mse)) if mse > 0 else math.inf
 
 
-def ms_ssim_8bit(reference: Tensor, decoded: Tensor) -> float | None:
-    """MS-SSIM (torchmetrics, 5 scales) of the 8-bit images; None below 161 pixels a side."""
-    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
-
-    if min(reference.shape[-2:]) < MSSSIM_MIN_SIDE:
-        return None
+def ms_ssim_8bit(reference: Tensor, decoded: Tensor) -> float:
+    """MS-SSIM (:func:`streamlic.metrics.ms_ssim`, the training metric) of the 8-bit images."""
     a = to_uint8(reference).float()[None] / 255.0
     b = to_uint8(decoded).float()[None] / 255.0
-    return float(multiscale_structural_similarity_index_measure(b, a, data_range=1.0))
+    return float(ms_ssim(b, a)[0])
 
 
 def _finite_mean(values: Sequence[float | None]) -> float | None:
@@ -92,8 +86,8 @@ def evaluate_folder(checkpoints: Sequence[CodecSource], folder: str | os.PathLik
     Metrics: ``bpp`` counts every byte of the file (header included) per original pixel;
     ``bpp-estimated`` is the ideal code length of the coded symbols under the 16-bit coding
     tables (``-log2(frequency / 2**16)``, the likelihoods stage 5 trains on); ``psnr-rgb`` and
-    ``ms-ssim-rgb`` compare the 8-bit input with the 8-bit decoded image (MS-SSIM is null
-    for images under 161 pixels a side); times are seconds of :meth:`StreamCodec.encode`
+    ``ms-ssim-rgb`` compare the 8-bit input with the 8-bit decoded image (MS-SSIM as in
+    training: fewer scales on images too small for five); times are seconds of :meth:`StreamCodec.encode`
     and :meth:`StreamCodec.decode`, without reading or writing files, measured after one
     untimed round trip (as CompressAI's timings are); loading the checkpoint and that first
     round trip are ``setup_time`` of each ``per_image`` entry.

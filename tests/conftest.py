@@ -1,0 +1,23 @@
+"""Shared test set-up: the helper modules of this folder and fixtures used by several test files.
+
+pytest puts this folder on ``sys.path`` (rootdir-relative "prepend" imports), so the helper
+modules are imported by name (``from _models import tiny_model``); ``train.py`` subprocesses
+get the same folder on their ``PYTHONPATH`` (``_training.script_env``) to load probe callbacks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamlic.data import demo_images
+
+
+@pytest.fixture(scope="module")
+def photos() -> torch.Tensor:
+    """Four 64x64 centre crops of real demo training photos."""
+    crops = []
+    for _, image in demo_images("train")[:4]:
+        _, h, w = image.shape
+        crops.append(image[:, h // 2 - 32:h // 2 + 32, w // 2 - 32:w // 2 + 32])
+    return torch.stack(crops)
