@@ -34,7 +34,6 @@ from streamlic import StreamLIC
 from streamlic.codec import StreamCodec
 from streamlic.data import demo_images
 from streamlic.integer_model import IntegerModel
-from streamlic.topology import pad_to_multiple
 
 GOALS = {"decode": 10.0, "encode": 3.0}  # StreamLIC's speed-up over mbt2018 (issue 5)
 
@@ -52,13 +51,9 @@ def streamlic_at_qat(x: torch.Tensor, seed: int = 0) -> StreamLIC:
     """Default-size StreamLIC with random weights, taken through the stage API to QAT."""
     torch.manual_seed(seed)
     model = StreamLIC()
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):  # track activation ranges on the photo (no weight update)
-            model(pad_to_multiple(x))
-    model.set_all_mask()
-    model.toggle_mask(True)
-    model.toggle_quantization(True)
+    model.calibrate(x, passes=3)
+    model.enter_stage("mask")
+    model.enter_stage("qat")
     return model.eval()
 
 

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from streamlic import StreamLIC
 from streamlic.data import demo_images
 from streamlic.export.report import hardware_report
-from streamlic.params import export_quantized_parameters
 from streamlic.integer_model import IntegerModel
+from streamlic.params import export_quantized_parameters
 
 PHOTO = "hubble_deep_field"  # 872 x 1000: the only demo photo with a 512 x 768 centre crop that is all image
 HEIGHT, WIDTH = 512, 768
-TINY = {"c1": 12, "c2": 12, "c3": 24, "M": 24, "N": 12}
+TINY = dict(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml"))
 
 
 def photo() -> torch.Tensor:
@@ -37,14 +39,11 @@ def photo() -> torch.Tensor:
 def quantized_model(model_cfg: dict | None) -> StreamLIC:
     """A model at stage 3: activation ranges and input statistics from a few training-mode passes."""
     torch.manual_seed(0)
-    model = StreamLIC(model=model_cfg).train()
-    crops = [image[None, :, :256, :256] for _, image in demo_images("train")[:4]]
-    with torch.no_grad():
-        for crop in crops:
-            model(crop)
-    model.set_all_mask()
-    model.toggle_mask(True)
-    model.toggle_quantization(True)
+    model = StreamLIC(model=model_cfg)
+    for _, image in demo_images("train")[:4]:
+        model.calibrate(image[None, :, :256, :256])
+    model.enter_stage("mask")
+    model.enter_stage("qat")
     return model.eval()
 
 

@@ -146,6 +146,20 @@ class StreamLIC(StageState, CompressionModel):
         self.rectified_cdf_y.requires_grad_(self.pdf_training)
         self.rectified_cdf_z.requires_grad_(self.pdf_training)
 
+    @torch.no_grad()
+    def calibrate(self, images: Tensor, passes: int = 1) -> None:
+        """Measure activation ranges and sparse-layer input statistics on ``images`` [B, 3, H, W].
+
+        Training-mode forward passes without a weight update: what stage 1 gathers, for a model
+        that goes to QAT without training (benchmarks, examples). Images of any size are padded
+        to a multiple of 64.
+        """
+        was_training = self.training
+        self.train()
+        for _ in range(passes):
+            self(topology.pad_to_multiple(images))
+        self.train(was_training)
+
     def regularization_loss(self, weight: float | None = None) -> Tensor:
         """Group-lasso term on the blocks outside each sparse layer's kept set."""
         weight = self.sparsity_cfg.group_lasso if weight is None else weight
