@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks import (STAGE_CHECKPOINT_KEY, STAGE_CHECKPOINT_NAMES, NonFiniteLossError, RunRecord, StageSchedule,
                        invocation, parse_schedule, read_finished_stages, read_run_record)
 from streamlic.config import ConfigError
-from streamlic.data import DataError
+from streamlic.images import DataError
 from streamlic.export import export_package
 from streamlic.model import StreamLIC
 from streamlic.stage import STAGES
@@ -159,7 +159,7 @@ def _split_metrics(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 
 
 def export_model(model: StreamLIC, out_dir: Path, datamodule) -> dict[str, Any]:
-    """The hardware package of a QAT-or-later model (DESIGN §6), golden vectors on the first test image.
+    """The hardware package of a QAT-or-later model (docs/export-format.md), golden vectors on the first test image.
 
     A model before QAT has nothing to export (reported, not an error). An export that fails is
     returned as an error: the run then ends as failed, with its checkpoints kept.

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from streamlic import StreamLIC
 from streamlic.codec import StreamCodec
-from streamlic.data import demo_images
+from streamlic.images import demo_images
 from streamlic.integer_model import IntegerModel
 
 GOALS = {"decode": 10.0, "encode": 3.0}  # StreamLIC's speed-up over mbt2018 (issue 5)

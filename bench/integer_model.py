@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from streamlic import StreamLIC
-from streamlic.data import demo_images
+from streamlic.images import demo_images
 from streamlic.export.report import hardware_report
 from streamlic.integer_model import IntegerModel
 from streamlic.params import export_quantized_parameters

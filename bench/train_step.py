@@ -23,7 +23,7 @@ SETTINGS = ((8, 256), (4, 128))
 
 
 def photo_batch(batch: int, size: int, device: str) -> torch.Tensor:
-    from streamlic.data import demo_images
+    from streamlic.images import demo_images
 
     crops = []
     images = [image for _, image in demo_images("train")]

@@ -1,4 +1,4 @@
-"""The five-stage schedule of DESIGN §5 as a Lightning callback.
+"""The five-stage schedule of docs/stages.md as a Lightning callback.
 
 A schedule (``conf/schedule/*.yaml``) gives, for every stage, the epoch at which it starts
 and its learning rate, and how the rate moves within a stage (:class:`LRSchedule`). At each
@@ -290,7 +290,7 @@ class StageSchedule(Callback):
     # ------------------------------------------------------------------ transitions
     @staticmethod
     def enter_stage(model: StreamLIC, stage: str, epoch: int | None = None) -> None:
-        """Apply one stage's transition (DESIGN §5); every call is idempotent."""
+        """Apply one stage's transition (docs/stages.md); every call is idempotent."""
         log.info("%sentering stage %d (%s)", "" if epoch is None else f"schedule epoch {epoch}: ",
                  STAGES.index(stage) + 1, stage)
         # ranks must agree on what the masks and frozen scales are computed from

@@ -2,7 +2,7 @@
  * ape_reference: a software stand-in for StreamLIC's autoregressive (context) engine.
  *
  * It loads the four HLS parameter streams of an export directory (weights.txt, biases.txt,
- * scale_params.txt, scale_shifts.txt) the way the kernel's loader reads them (DESIGN §6),
+ * scale_params.txt, scale_shifts.txt) the way the kernel's loader reads them (docs/export-format.md),
  * runs the row-causal context model on the integer latents of a golden set (ctx1 ->
  * LeakyReLU -> ctx2 -> + hyper row -> LeakyReLU -> ep, then symbols and dequantized
  * latents), computing only the active blocks the pointers name, and compares the symbols
@@ -67,7 +67,7 @@ static int64_t shift_floor(int64_t v, int k)
     return v >= 0 ? v >> k : ~(~v >> k);
 }
 
-/* (v + 2^(r-1)) >> r: rounding shift, ties go up (DESIGN §3). */
+/* (v + 2^(r-1)) >> r: rounding shift, ties go up (docs/fixed-point.md). */
 static int64_t rshift_round(int64_t v, int r)
 {
     return r == 0 ? v : shift_floor(v + ((int64_t)1 << (r - 1)), r);
@@ -509,7 +509,7 @@ static void load_biases(Layer *layers, const Datapath *dp, int precision_bits, c
     reader_close_at_end(&reader, "");
 }
 
-/* One output row of a layer: only the active blocks, then the requantization of DESIGN §3:
+/* One output row of a layer: only the active blocks, then the requantization of docs/fixed-point.md:
  * v = ((acc * m) >> k) + b, q = clamp(rshift_round(v, r)). */
 static void run_layer(const Layer *layer, const Datapath *dp, const int32_t *in, int width, int64_t *acc,
                       int32_t *out)

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from streamlic import W8A8, W12A12, StreamLIC
-from streamlic.data import demo_images
+from streamlic.images import demo_images
 from streamlic.metrics import rate_distortion
 from streamlic.stage import STAGES
 

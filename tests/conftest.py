@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamlic.data import demo_images
+from streamlic.images import demo_images
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from _models import sample_photos, tiny_model
 from streamlic import cli, codec
 from streamlic.codec import HEADER_SIZE, CodecError, StreamCodec
 from streamlic.codec.bitstream import SYNTHESIS_STRIP_ROWS
-from streamlic.data import demo_images, load_image
+from streamlic.images import demo_images, load_image
 from streamlic.integer_model import IntegerModel
 from streamlic.metrics import ms_ssim_scales
 from streamlic.topology import PAD_MULTIPLE, pad_to_multiple

@@ -12,7 +12,7 @@ and |mu| <= 1.7 stays far inside the fixed-scale layers' +-2047/16. What changes
 |mu| 0.21 off, 0.04 on. Decoding plain ``round(y)`` (mu = 0) gives 19.96 dB, the masked value.
 
 Explanation: the latent is rounded on a grid centred on the context's prediction,
-``y_hat = mu + round(y - mu)`` (DESIGN §3 "Symbols of y": ``s = clamp(rshift_round(y_q - mu_q, 4))``,
+``y_hat = mu + round(y - mu)`` (docs/fixed-point.md, symbols of y: ``s = clamp(rshift_round(y_q - mu_q, 4))``,
 ``y_hat_q = 16 s + mu_q``; CompressAI's "dequantize" mode in its autoregressive models). The
 error stays within half a step whatever mu is, but *which* value within that half step y_hat
 takes follows mu: a different mu gives different latents to the synthesis, so the distortion

@@ -11,17 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from streamlic.data import (
-    DEMO_SPLIT,
-    DataError,
-    EpochSeededSampler,
-    ImageListDataset,
-    ImageReadError,
-    StreamLICDataModule,
-    demo_images,
-    load_image,
-    scan_folder,
-)
+from streamlic.data import EpochSeededSampler, ImageListDataset, StreamLICDataModule
+from streamlic.images import DEMO_SPLIT, DataError, ImageReadError, demo_images, load_image, scan_folder
 
 
 def _photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -137,7 +137,7 @@ def test_pt_and_npz_hold_the_exported_integers(qat_model, package):
     assert {"affine_weight", "score_bias", "output_scale_shift"} <= set(params["g_a.1"])
 
 
-# The research code's parameter dict, as DESIGN §6 lists it (written out here, not taken from the exporter).
+# The research code's parameter dict, as docs/export-format.md lists it (written out here, not taken from the exporter).
 RESEARCH_CONV_FIELDS = {"weight", "bias", "scale_param", "scale_shift", "float_output_scale"}
 RESEARCH_LAGC_FIELDS = {"affine_weight", "affine_bias", "affine_scale_param", "affine_scale_shift",
                         "score_scale_param", "score_scale_shift", "score_bias", "output_scale_param",
@@ -307,7 +307,7 @@ def test_hls_streams_follow_the_documented_layout(hand_model, tmp_path):
     assert len(scale_params) == len(shifts) == 3 * 48
     assert len(weights) == sum(out_groups * n * PO * PI for n in blocks_per_group.values())
     assert len(biases) == 3 * 48 + sum(2 * out_groups * n for n in blocks_per_group.values()) + 2 * 128
-    # biases.txt, DESIGN §6: (1) all biases: ctx1's, ctx2's, ep's; (2) all block pointers in the
+    # biases.txt, docs/export-format.md: (1) all biases: ctx1's, ctx2's, ep's; (2) all block pointers in the
     # same layer order; (3) the 128 symbol bound pairs. The kernel's loader reads exactly this.
     all_biases = [v for name in layers.values() for v in params[name]["bias"].tolist()]
     assert biases[:3 * 48] == all_biases

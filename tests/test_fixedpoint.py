@@ -1,4 +1,4 @@
-"""The fixed-point rules of DESIGN §3, checked against plain Python integer arithmetic."""
+"""The fixed-point rules of docs/fixed-point.md, checked against plain Python integer arithmetic."""
 
 import math
 import random

@@ -1,6 +1,6 @@
 """The C reference of the autoregressive engine (hw/ape_reference.c) against exported packages.
 
-The program reads the HLS streams as the kernel's loader does (DESIGN §6) and recomputes the
+The program reads the HLS streams as the kernel's loader does (docs/export-format.md) and recomputes the
 golden symbols and pdf indices from y and the hyper output; it must agree exactly, and it
 must fail on a stream in the wrong layout.
 """

@@ -1,4 +1,4 @@
-"""The StreamLIC network and its five-stage API on real photos (DESIGN §2, §4, §5)."""
+"""The StreamLIC network and its five-stage API on real photos (docs/architecture.md, docs/stages.md)."""
 
 import copy
 import io

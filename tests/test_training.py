@@ -22,7 +22,7 @@ from _training import (ROOT, TINY, compose_config, load_train_module, probe_over
                        schedule, script_env)
 from callbacks import STAGE_CHECKPOINT_NAMES, NonFiniteLossError, read_finished_stages, read_run_record
 from streamlic.config import ConfigError
-from streamlic.data import DataError
+from streamlic.images import DataError
 from streamlic.model import StreamLIC
 from streamlic.stage import STAGES
 

@@ -17,7 +17,7 @@ DECODED_SUFFIX = ".decoded.png"  # not .png: the source image usually still lies
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .data import load_image
+    from .images import load_image
     from .export import export_package
     from .model import StreamLIC
 

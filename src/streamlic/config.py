@@ -16,7 +16,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class HardwareConfig:
-    """Number formats of the fixed-point datapath (DESIGN §3).
+    """Number formats of the fixed-point datapath (docs/fixed-point.md).
 
     ``activation_bits`` (A) and ``weight_bits`` (W) are signed widths; ``precision_bits`` (P)
     is the width at which biases are added before the final rounding shift, so the
@@ -107,7 +107,7 @@ class HardwareConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Channel widths of the network (DESIGN §2)."""
+    """Channel widths of the network (docs/architecture.md)."""
 
     c1: int = 48
     c2: int = 96
@@ -152,7 +152,7 @@ DEFAULT_GROUP_NUM = {"ctx1": 3, "ctx2": 3, "ep": 4}
 
 @dataclass(frozen=True)
 class SparsityConfig:
-    """Block density of the three sparse context layers (DESIGN §4).
+    """Block density of the three sparse context layers (docs/architecture.md).
 
     ``density`` applies to every layer; ``layers`` overrides it per layer (keys ctx1, ctx2,
     ep). With neither, the paper's group numbers (3, 3, 4) are used.

@@ -1,4 +1,4 @@
-"""The fixed-point contract of DESIGN §3, in one place.
+"""The fixed-point contract of docs/fixed-point.md, in one place.
 
 Every rule that decides an integer the hardware computes lives here and nowhere else: the
 QAT layers call these functions on integer-valued float tensors (float64 is exact, float32

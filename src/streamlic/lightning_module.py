@@ -1,4 +1,4 @@
-"""The LightningModule that trains StreamLIC through its five stages (DESIGN §5, §8).
+"""The LightningModule that trains StreamLIC through its five stages (docs/stages.md).
 
 The module owns the loss, the optimizers and the metrics; *when* a stage starts and at
 which learning rate is decided by the stage callback (``callbacks.StageSchedule``), which
@@ -237,6 +237,6 @@ class StreamLICModule(L.LightningModule):
             self.model.train(was_training)
 
     def setup(self, stage: str) -> None:
-        # QAT emulates integer arithmetic: TF32 would change the integers on GPUs (DESIGN §3)
+        # QAT emulates integer arithmetic: TF32 would change the integers on GPUs (docs/fixed-point.md)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

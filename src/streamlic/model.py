@@ -1,4 +1,4 @@
-"""The StreamLIC network (DESIGN §2) and its five-stage API (DESIGN §5)."""
+"""The StreamLIC network (docs/architecture.md) and its five-stage API (docs/stages.md)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ class StreamLIC(StageState, CompressionModel):
                             layer.in_groups, achieved, layer.block_in)
 
     def input_scales(self) -> dict[str, float]:
-        """Scale of the integers entering each sub-network (DESIGN §3)."""
+        """Scale of the integers entering each sub-network (docs/fixed-point.md)."""
         ls = self.hw.latent_scale
         return {"g_a": fxp.image_scale(self.hw), "h_a": ls, "h_s": 1.0, "g_s": ls,
                 "context_prediction": ls, "entropy_parameters": ls}

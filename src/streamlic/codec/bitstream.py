@@ -36,7 +36,7 @@ decoded: compressai's rANS decoder does not detect damaged input and would read 
 end of a truncated stream, so damaged bytes must never reach it.
 
 Images of any size are padded to a multiple of 64 by edge replication and cropped back
-after decoding; image files are read with :func:`streamlic.data.load_image` (its rule
+after decoding; image files are read with :func:`streamlic.images.load_image` (its rule
 covers greyscale, alpha, palette and 16-bit images) and decoded images are written as
 8-bit RGB PNG with ``round(255 x)``.
 """
@@ -292,7 +292,7 @@ def _check_image(image: Tensor) -> Tensor:
     if image.dim() != 3 or image.shape[0] != 3:
         raise CodecError(f"expected an RGB image [3, H, W], got shape {tuple(image.shape)}")
     if not image.is_floating_point() or float(image.min()) < 0.0 or float(image.max()) > 1.0:
-        raise CodecError("expected float pixel values in [0, 1] (as streamlic.data.load_image returns)")
+        raise CodecError("expected float pixel values in [0, 1] (as streamlic.images.load_image returns)")
     height, width = image.shape[-2:]
     rows, cols = _latent_shape(height, width)
     if max(rows, cols) > 0xFFFF:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..data import scan_folder
+from ..images import scan_folder
 from ..metrics import ms_ssim
 from ..rd import bd_deltas
 from .bitstream import CodecError, StreamCodec

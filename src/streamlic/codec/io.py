@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..data import ImageReadError, load_image
+from ..images import ImageReadError, load_image
 from ..export import load_integer_model
 from ..integer_model import IntegerModel
 from ..model import StreamLIC
