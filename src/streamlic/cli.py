@@ -1,4 +1,4 @@
-"""The ``streamlic`` command line: export, compress, decompress, eval (docs/cli.md in README).
+"""The ``streamlic`` command line: export, compress, decompress and eval (see README.md).
 
 The parser imports nothing heavy: each command loads torch and the library only when it runs,
 so ``streamlic --help`` answers at once.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -29,13 +30,42 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_codec(name: str):
-    def run(args: argparse.Namespace) -> int:
-        from . import codec
+def _timed_file_command(args: argparse.Namespace, output: Path, code) -> tuple[object, float]:
+    """Check the output, load the codec, run ``code(codec, output)``; returns its result and seconds."""
+    from .codec.io import check_output, load_codec
 
-        return getattr(codec, name)(args)
+    check_output(output, args.force)
+    codec = load_codec(args.checkpoint)
+    start = time.perf_counter()
+    result = code(codec, output)
+    return result, time.perf_counter() - start
 
-    return run
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from .codec import encode_file
+
+    output = args.output or args.image.with_suffix(FILE_SUFFIX)
+    encoded, seconds = _timed_file_command(args, output, lambda codec, out: encode_file(codec, args.image, out,
+                                                                                        args.force))
+    print(f"{output}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp "
+          f"({encoded.width}x{encoded.height}, estimated {encoded.estimated_bpp:.4f} bpp), {seconds:.2f} s")
+    return 0
+
+
+def _run_decompress(args: argparse.Namespace) -> int:
+    from .codec import decode_file
+
+    output = args.output or args.file.with_suffix(DECODED_SUFFIX)
+    image, seconds = _timed_file_command(args, output, lambda codec, out: decode_file(codec, args.file, out,
+                                                                                      args.force))
+    print(f"{output}: {image.shape[2]}x{image.shape[1]} RGB PNG, {seconds:.2f} s")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .codec import run_eval
+
+    return run_eval(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="stage-3-or-later checkpoint (or export directory)")
     compress.add_argument("-o", "--output", type=Path, help=f"output file (default: IMAGE with suffix {FILE_SUFFIX})")
     compress.add_argument("--force", action="store_true", help="overwrite an existing output")
-    compress.set_defaults(func=_run_codec("run_compress"))
+    compress.set_defaults(func=_run_compress)
 
     decompress = sub.add_parser("decompress", help="decode a StreamLIC file into an 8-bit RGB PNG")
     decompress.add_argument("file", type=Path, help="StreamLIC file")
@@ -68,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     decompress.add_argument("-o", "--output", type=Path,
                             help=f"output PNG (default: FILE with suffix {DECODED_SUFFIX}, beside the source image)")
     decompress.add_argument("--force", action="store_true", help="overwrite an existing output")
-    decompress.set_defaults(func=_run_codec("run_decompress"))
+    decompress.set_defaults(func=_run_decompress)
 
     evaluate = sub.add_parser("eval", help="rate-distortion of checkpoints on an image folder")
     evaluate.add_argument("folder", type=Path, help="folder of images (searched recursively)")
@@ -81,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "curve against each is printed and stored in the output JSON")
     evaluate.add_argument("--name", default="StreamLIC", help="name of this curve in the JSON and the plot")
     evaluate.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    evaluate.set_defaults(func=_run_codec("run_eval"))
+    evaluate.set_defaults(func=_run_eval)
     return parser
 
 

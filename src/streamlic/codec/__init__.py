@@ -10,8 +10,8 @@
 from .bitstream import HEADER_SIZE, CodecError, EncodedImage, StreamCodec, model_id
 from .evaluate import evaluate_folder, run_eval
 from .io import (compress_batch, compress_image, decode_file, decompress_batch, decompress_bytes, encode_file,
-                 load_codec, run_compress, run_decompress, to_uint8)
+                 load_codec, to_uint8)
 
 __all__ = ["CodecError", "EncodedImage", "HEADER_SIZE", "StreamCodec", "compress_batch", "compress_image",
            "decode_file", "decompress_batch", "decompress_bytes", "encode_file", "evaluate_folder", "load_codec",
-           "model_id", "run_compress", "run_decompress", "run_eval", "to_uint8"]
+           "model_id", "run_eval", "to_uint8"]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence, Union
 
@@ -18,7 +16,6 @@ from ..export import load_integer_model
 from ..integer_model import IntegerModel
 from ..model import StreamLIC
 from ..params import StageError
-from ..cli import DECODED_SUFFIX, FILE_SUFFIX
 from .bitstream import CodecError, EncodedImage, StreamCodec
 
 CodecSource = Union[StreamCodec, IntegerModel, StreamLIC, str, os.PathLike]
@@ -144,25 +141,3 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], Any], force: bool) 
     except BaseException:
         os.unlink(temporary)
         raise
-
-def run_compress(args: argparse.Namespace) -> int:
-    output = args.output or args.image.with_suffix(FILE_SUFFIX)
-    check_output(output, args.force)
-    codec = load_codec(args.checkpoint)
-    start = time.perf_counter()
-    encoded = encode_file(codec, args.image, output, args.force)
-    seconds = time.perf_counter() - start
-    print(f"{output}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp "
-          f"({encoded.width}x{encoded.height}, estimated {encoded.estimated_bpp:.4f} bpp), {seconds:.2f} s")
-    return 0
-
-
-def run_decompress(args: argparse.Namespace) -> int:
-    output = args.output or args.file.with_suffix(DECODED_SUFFIX)
-    check_output(output, args.force)
-    codec = load_codec(args.checkpoint)
-    start = time.perf_counter()
-    image = decode_file(codec, args.file, output, args.force)
-    seconds = time.perf_counter() - start
-    print(f"{output}: {image.shape[2]}x{image.shape[1]} RGB PNG, {seconds:.2f} s")
-    return 0
