@@ -100,3 +100,36 @@ def test_quality_levels_and_schedule_errors_name_the_key(tmp_path):
     cfg = compose_config(tmp_path / "run", [*SHORT, *schedule(), "+schedule.lr_schedule.warmup=3"])
     with pytest.raises(ConfigError, match=r"schedule.lr_schedule: unknown key\(s\) \['warmup'\]"):
         load_train_module().train(cfg)
+
+
+@pytest.mark.slow
+def test_weight_average_is_what_each_stage_saves_and_resumes_exactly(tmp_path):
+    ema = [*SHORT, *schedule(aun=2, mask=2), "ema_decay=0.5", "checkpoint.every_n_train_steps=1"]
+    straight = run_training(tmp_path / "straight", ema)
+    assert straight["status"] == "finished"
+    plain = run_training(tmp_path / "plain", [*SHORT, *schedule(aun=2, mask=2)])
+    checkpoints = tmp_path / "straight" / "checkpoints"
+    # the stage-1 checkpoint holds the average of stage 1's steps, not the last step's weights
+    aun = torch.load(checkpoints / "stage1-aun.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    aun_plain = torch.load(tmp_path / "plain" / "checkpoints" / "stage1-aun.ckpt", map_location="cpu",
+                           weights_only=False)["state_dict"]
+    assert not torch.equal(aun["model.g_a.0.weight"], aun_plain["model.g_a.0.weight"])
+    # frozen parameters are not averaged: the stage-5 model keeps stage 4's encoder exactly
+    fix = torch.load(checkpoints / "stage4-fix_encoder.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    pdf = torch.load(checkpoints / "stage5-pdf.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(fix["model.g_a.0.weight"], pdf["model.g_a.0.weight"])
+    # stopped inside stage 2 (after its first epoch) and resumed: the average travels in the checkpoint
+    run_training(tmp_path / "resumed", [*ema, "trainer.max_epochs=3"])
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert any(key.startswith("WeightAverage") and state["average"] for key, state in saved["callbacks"].items())
+    run_training(tmp_path / "resumed", [f"ckpt_path={last}", "trainer.max_epochs=7",
+                                        f"paths.output_dir={tmp_path / 'resumed'}"])
+    a = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    b = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    assert not [k for k, v in a.items() if isinstance(v, torch.Tensor) and not torch.equal(v, b[k])]
+
+
+def test_weight_average_decay_out_of_range_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="ema_decay=1.5"):
+        run_training(tmp_path, [*SHORT, *schedule(), "ema_decay=1.5"])
