@@ -107,7 +107,7 @@ def test_weight_average_is_what_each_stage_saves_and_resumes_exactly(tmp_path):
     ema = [*SHORT, *schedule(aun=2, mask=2), "ema_decay=0.5", "checkpoint.every_n_train_steps=1"]
     straight = run_training(tmp_path / "straight", ema)
     assert straight["status"] == "finished"
-    plain = run_training(tmp_path / "plain", [*SHORT, *schedule(aun=2, mask=2)])
+    run_training(tmp_path / "plain", [*SHORT, *schedule(aun=2, mask=2)])
     checkpoints = tmp_path / "straight" / "checkpoints"
     # the stage-1 checkpoint holds the average of stage 1's steps, not the last step's weights
     aun = torch.load(checkpoints / "stage1-aun.ckpt", map_location="cpu", weights_only=False)["state_dict"]
