@@ -21,3 +21,16 @@ def photos() -> torch.Tensor:
         _, h, w = image.shape
         crops.append(image[:, h // 2 - 32:h // 2 + 32, w // 2 - 32:w // 2 + 32])
     return torch.stack(crops)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for in-process training runs, as in the ``train.py`` subprocesses.
+
+    The tiny model gains nothing from more, and OpenMP threads that wait for each other on a
+    busy 2-core machine make every small op ten times slower (``_training.script_env``).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

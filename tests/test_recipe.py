@@ -18,12 +18,7 @@ from streamlic.lightning_module import COMPRESSAI_LAMBDAS, quality_lambda
 SHORT = [*TINY, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as in the train.py subprocesses
 
 
 def _logged_rates(output_dir: Path) -> list[tuple[int, float, float]]:

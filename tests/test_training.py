@@ -29,13 +29,7 @@ from streamlic.stage import STAGES
 FIVE_STAGES = schedule(aun=3, aun_lr=1e-3)  # stage 1 long enough to learn; one epoch for each later stage
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as in the subprocesses (see ``_training.script_env``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as in the train.py subprocesses
 
 
 def _checkpoint(path: Path) -> dict:
