@@ -67,20 +67,23 @@ def to_multiplier(factor: Tensor, hw: HardwareConfig, layer: str, check: bool = 
     """
     f = torch.as_tensor(factor, dtype=torch.float64)
     limit = float(hw.multiplier_max)
-    if not check:
+    if check:
+        bad = ~torch.isfinite(f) | (f <= 0) | (f >= limit)
+        if bool(bad.any()):
+            index = int(bad.nonzero()[0, 0]) if f.dim() else 0
+            value = float(f.reshape(-1)[index])
+            raise FixedPointError(
+                f"{layer}: requantization factor {value:.6g} (channel {index}) is outside (0, {limit:g}); "
+                "a scale collapsed to zero or exploded during training"
+            )
+    else:
         f = representable_factor(torch.nan_to_num(f, nan=1.0), hw)
-    bad = ~torch.isfinite(f) | (f <= 0) | (f >= limit)
-    if check and bool(bad.any()):
-        index = int(bad.nonzero()[0, 0]) if f.dim() else 0
-        value = float(f.reshape(-1)[index])
-        raise FixedPointError(
-            f"{layer}: requantization factor {value:.6g} (channel {index}) is outside (0, {limit:g}); "
-            "a scale collapsed to zero or exploded during training"
-        )
-    k = torch.floor(torch.log2(limit / f))
-    k = torch.where(torch.ldexp(f, k) >= limit, k - 1, k)  # strict: f * 2**k < limit
-    k = torch.where(torch.ldexp(f, k + 1) < limit, k + 1, k)  # log2 rounding may undershoot by one
-    k = torch.clamp(k, 0, hw.shift_max)
+    # f = mantissa * 2**e with mantissa in [0.5, 1), exactly: f * 2**k < limit holds for k = B - e - 1
+    # (at most 2**(B-1)) and fails for k = B - e + 1, so the largest k is B - e unless that reaches limit
+    mantissa, exponent = torch.frexp(f)
+    bits = hw.multiplier_bits
+    k = (bits - exponent) - (mantissa * 2.0**bits >= limit).to(exponent.dtype)
+    k = torch.clamp(k, 0, hw.shift_max).to(f.dtype)
     m = torch.round(torch.ldexp(f, k))
     return m, k
 
