@@ -191,8 +191,8 @@ def print_report(results: dict[str, dict[str, OpCounter]], args) -> None:
         cells = " | ".join(f"{sum(counts[s].ops.values())} ops, {counts[s].host_syncs} syncs" for s in STAGES)
         print(f"| {name} | {cells} |")
     if "research" in results:
-        ratios = " | ".join(f"{sum(results['StreamLIC'][s].ops.values()) / sum(results['research'][s].ops.values()):.2f}x"
-                            for s in STAGES)
+        ours, theirs = results["StreamLIC"], results["research"]
+        ratios = " | ".join(f"{sum(ours[s].ops.values()) / sum(theirs[s].ops.values()):.2f}x" for s in STAGES)
         print(f"| StreamLIC / research | {ratios} |")
     for name, counts in results.items():
         for stage in STAGES:

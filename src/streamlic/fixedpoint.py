@@ -50,7 +50,7 @@ def rshift_round(v: Tensor, r: int) -> Tensor:
     """``(v + 2**(r-1)) >> r``: rounding shift, ties go up (``r = 0`` leaves integers unchanged)."""
     if not v.is_floating_point():
         return v if r == 0 else (v + (1 << (r - 1))) >> r
-    return torch.floor((v + 2.0 ** (r - 1)) * 2.0**-r)
+    return torch.div(v + 2.0 ** (r - 1), 2**r, rounding_mode="floor")  # v / 2**r is exact: the floor is
 
 
 def clamp_symmetric(q: Tensor, bound: int | float) -> Tensor:
@@ -160,8 +160,12 @@ def activation_scale(running_max: Tensor, hw: HardwareConfig) -> Tensor:
 
 
 def leaky_relu(q: Tensor) -> Tensor:
-    """LeakyReLU(1/64) on integers: negative ``v`` becomes ``(v + 32) >> 6``."""
-    return torch.where(q < 0, rshift_round(q, LEAKY_SHIFT), q)
+    """LeakyReLU(1/64) on integers: negative ``v`` becomes ``(v + 32) >> 6``.
+
+    Written as ``max(v, (v + 32) >> 6)``: for ``v < 0`` the shifted value is the larger one, for
+    ``v >= 0`` it is not larger than ``v`` (one op fewer than a select).
+    """
+    return torch.maximum(q, rshift_round(q, LEAKY_SHIFT))
 
 
 def channel_add(a: Tensor, b: Tensor, hw: HardwareConfig) -> Tensor:
@@ -273,7 +277,12 @@ def scale_index_factor(factor: Tensor, out_scale: Tensor | float) -> Tensor:
 
 def scale_index_bias(bias: Tensor, hw: HardwareConfig, rounding=torch.round) -> Tensor:
     """Folded integer bias of the odd channels: ``round(2**r * (16 b / 3 + 37))``, P-bit clamped."""
-    return clamp_bias(rounding((bias * INDEX_PER_V + INDEX_OFFSET) * 2.0**hw.residual_bits), hw)
+    return clamp_bias(rounding(scale_index_bias_quotient(bias, hw)), hw)
+
+
+def scale_index_bias_quotient(bias: Tensor, hw: HardwareConfig) -> Tensor:
+    """``2**r * (16 b / 3 + 37)``: the folded bias of :func:`scale_index_bias` before rounding and clamping."""
+    return (bias * INDEX_PER_V + INDEX_OFFSET) * 2.0**hw.residual_bits
 
 
 def scale_index_from_v(v: Tensor) -> Tensor:

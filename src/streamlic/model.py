@@ -16,7 +16,7 @@ from . import fixedpoint as fxp
 from .config import ModelConfig, hardware_config, model_config, sparsity_config
 from .entropy import RectifiedPDF, bottleneck_pmf_table, gaussian_pmf_table
 from .layers import (LAGC, ChannelAddition, FGPConv2d, QConv2d, QLeakyReLU, QuantLayer, QUpsampleConv2d,
-                     straight_through)
+                     RangeTracker, straight_through)
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,12 @@ class StreamLIC(CompressionModel):
         self.rectified_cdf_y = RectifiedPDF(fxp.SCALE_LEVELS)
         self.rectified_cdf_z = RectifiedPDF(N)
         self.register_buffer("clamped_symbols", torch.zeros((), dtype=torch.long), persistent=False)
+        # activation ranges of all layers are updated together at the end of each training forward
+        self.range_tracker = RangeTracker()
         for name, module in self.named_modules():
             if isinstance(module, QuantLayer):
                 module.layer_name = name
+                module.range_tracker = self.range_tracker
 
         self.quantized = False
         self.masked = False
@@ -382,18 +385,20 @@ class StreamLIC(CompressionModel):
         hw, ls = self.hw, self.hw.latent_scale
         b, c, height, width = y.shape
         padded = y.new_zeros(b, c, height + 3, width + 2)
-        symbols = torch.empty_like(y)
+        y_q = y / ls
+        residuals = torch.empty_like(y)  # symbols before their clamp; clamped and counted once after the loop
         ep_rows = []
         for h in range(height):
             ctx = self.context_prediction(padded[:, :, h:h + 3])
             ep = self.entropy_params(params[:, :, h:h + 1], ctx)
             mu_q = ep[:, 0::2] / ls
-            y_q = y[:, :, h:h + 1] / ls
-            row_symbols = fxp.latent_symbols(y_q, mu_q, hw)
-            self.clamped_symbols += (fxp.symbol_residual(y_q, mu_q, hw).abs() > fxp.SYMBOL_MAX).sum()
-            symbols[:, :, h:h + 1] = row_symbols
+            residual = fxp.symbol_residual(y_q[:, :, h:h + 1], mu_q, hw)
+            residuals[:, :, h:h + 1] = residual
+            row_symbols = fxp.clamp_symmetric(residual, fxp.SYMBOL_MAX)
             padded[:, :, h + 3:h + 4, 1:-1] = fxp.dequantize_latent(row_symbols, mu_q, hw) * ls
             ep_rows.append(ep)
+        self.clamped_symbols += (residuals.abs() > fxp.SYMBOL_MAX).sum()
+        symbols = fxp.clamp_symmetric(residuals, fxp.SYMBOL_MAX)
         return padded[:, :, 3:, 1:-1], symbols, torch.cat(ep_rows, dim=2)
 
     def _hyper(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -425,6 +430,7 @@ class StreamLIC(CompressionModel):
         return likelihood
 
     def forward(self, x: Tensor) -> dict[str, Any]:
+        self.range_tracker.pending.clear()  # nothing left over from a forward that raised
         y = self.g_a(self.image_input(x))
         z = self.h_a(y)
         z_hat, z_likelihoods, z_symbols = self._hyper(z)
@@ -450,6 +456,7 @@ class StreamLIC(CompressionModel):
                 y_likelihoods = self._gaussian_likelihood(values, sigma)
 
         x_hat = self.g_s(y_hat) + 0.5
+        self.range_tracker.flush()
         return {
             "x_hat": x_hat,
             "likelihoods": {"y": y_likelihoods, "z": z_likelihoods},
