@@ -82,8 +82,8 @@ def to_multiplier(factor: Tensor, hw: HardwareConfig, layer: str, check: bool = 
     # (at most 2**(B-1)) and fails for k = B - e + 1, so the largest k is B - e unless that reaches limit
     mantissa, exponent = torch.frexp(f)
     bits = hw.multiplier_bits
-    k = (bits - exponent) - (mantissa * 2.0**bits >= limit).to(exponent.dtype)
-    k = torch.clamp(k, 0, hw.shift_max).to(f.dtype)
+    k = (bits - exponent.to(f.dtype)) - (mantissa * 2.0**bits >= limit).to(f.dtype)  # exact in float64
+    k = torch.clamp(k, 0, hw.shift_max)
     m = torch.round(torch.ldexp(f, k))
     return m, k
 

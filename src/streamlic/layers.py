@@ -224,8 +224,8 @@ class QuantLayer(nn.Module):
         sources are compared by value.
         """
         tensors = [t for t in sources if isinstance(t, Tensor)]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return compute()
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return compute()  # a compiled graph computes (and fuses) it in place of the cache
         key = tuple((t._version, t.data_ptr(), t.dtype) if isinstance(t, Tensor) else t for t in sources)
         cached = self._integer_cache.get(name)
         if cached is None or cached[0] != key:
@@ -602,6 +602,7 @@ class LAGC(QuantLayer):
         multiplier = self._gain_multiplier(check=False)
         return q_wa, b_a, b_g, gain_factor, multiplier
 
+    @torch.compiler.disable  # inductor's CPU code cannot vectorise to_multiplier's int32 exponent
     def _gain_multiplier(self, check: bool = True) -> tuple[Tensor, Tensor]:
         """``(m_g, k_g)`` of the gain factor ``2**r |gamma| s_t / s_g`` formed in float64, whatever the
         training precision.

@@ -408,19 +408,28 @@ class StreamLIC(CompressionModel):
             channel = torch.arange(self.N, device=z.device).view(1, -1, 1, 1).expand_as(z_symbols)
             return z_symbols, self.rectified_cdf_z.likelihood(z_symbols, channel), z_symbols
         if self.training and not self.encoder_fixed:
-            z_tilde, likelihood = self.entropy_bottleneck(z, training=True)
-            return z_tilde, likelihood, z_symbols
+            # compressai's EntropyBottleneck.forward(training=True) without the host syncs of its
+            # tensor-valued permutation: the same noise draw, values and likelihoods
+            values = z.transpose(0, 1).contiguous()  # channels first; contiguous so the noise fills it in order
+            z_tilde = self.entropy_bottleneck.quantize(values.reshape(values.size(0), 1, -1), "noise")
+            likelihood = self._factorized_likelihood(z_tilde)
+            # contiguous, as compressai returns them (the loss's sum then adds in the same order)
+            return (z_tilde.reshape(values.shape).transpose(0, 1).contiguous(),
+                    likelihood.reshape(values.shape).transpose(0, 1).contiguous(), z_symbols)
         z_hat = straight_through(z, z_symbols)
         return z_hat, self._bottleneck_likelihood(z_hat), z_symbols
 
     def _bottleneck_likelihood(self, z_hat: Tensor) -> Tensor:
         """Factorized-model likelihood of integer hyper symbols (no median offset, as coded)."""
-        eb = self.entropy_bottleneck
         values = z_hat.transpose(0, 1)  # channels first, as compressai's model expects
-        likelihood, _, _ = eb._likelihood(values.reshape(values.size(0), 1, -1))
-        if eb.use_likelihood_bound:
-            likelihood = eb.likelihood_lower_bound(likelihood)
+        likelihood = self._factorized_likelihood(values.reshape(values.size(0), 1, -1))
         return likelihood.reshape(values.shape).transpose(0, 1)
+
+    def _factorized_likelihood(self, values: Tensor) -> Tensor:
+        """The EntropyBottleneck's (lower-bounded) likelihood of channels-first values [C, 1, N]."""
+        eb = self.entropy_bottleneck
+        likelihood, _, _ = eb._likelihood(values)
+        return eb.likelihood_lower_bound(likelihood) if eb.use_likelihood_bound else likelihood
 
     def _gaussian_likelihood(self, values: Tensor, sigma: Tensor) -> Tensor:
         gc = self.gaussian_conditional
