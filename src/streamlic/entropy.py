@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-from compressai.entropy_models.entropy_models import pmf_to_quantized_cdf
+from compressai._CXX import pmf_to_quantized_cdf
 from torch import Tensor, nn
 
 from . import fixedpoint as fxp
@@ -21,10 +21,13 @@ PMF_FLOOR = 1e-9
 
 
 def quantized_cdfs(pmfs: Tensor, precision: int = CDF_PRECISION) -> Tensor:
-    """16-bit CDFs [tables, columns + 2] (int32) of probability rows [tables, columns]."""
-    pmfs = pmfs.detach().double().cpu()
-    overflow = torch.zeros(1, dtype=pmfs.dtype)
-    return torch.stack([pmf_to_quantized_cdf(torch.cat((row, overflow)), precision) for row in pmfs])
+    """16-bit CDFs [tables, columns + 2] (int32) of probability rows [tables, columns].
+
+    The rows are read to the host once (one sync, not one per row) and handed to compressai's
+    C++ quantizer: stage 5 rebuilds both tables every step.
+    """
+    rows = torch.nn.functional.pad(pmfs.detach().double(), (0, 1)).tolist()  # the overflow slot
+    return torch.tensor([pmf_to_quantized_cdf(row, precision) for row in rows], dtype=torch.int32)
 
 
 def frequencies(cdfs: Tensor) -> Tensor:

@@ -50,7 +50,7 @@ def rshift_round(v: Tensor, r: int) -> Tensor:
     """``(v + 2**(r-1)) >> r``: rounding shift, ties go up (``r = 0`` leaves integers unchanged)."""
     if not v.is_floating_point():
         return v if r == 0 else (v + (1 << (r - 1))) >> r
-    return torch.floor((v + 2.0 ** (r - 1)) * 2.0**-r)
+    return torch.div(v + 2.0 ** (r - 1), 2**r, rounding_mode="floor")  # v / 2**r is exact: the floor is
 
 
 def clamp_symmetric(q: Tensor, bound: int | float) -> Tensor:
@@ -67,19 +67,22 @@ def to_multiplier(factor: Tensor, hw: HardwareConfig, layer: str, check: bool = 
     """
     f = torch.as_tensor(factor, dtype=torch.float64)
     limit = float(hw.multiplier_max)
-    if not check:
+    if check:
+        bad = ~torch.isfinite(f) | (f <= 0) | (f >= limit)
+        if bool(bad.any()):
+            index = int(bad.nonzero()[0, 0]) if f.dim() else 0
+            value = float(f.reshape(-1)[index])
+            raise FixedPointError(
+                f"{layer}: requantization factor {value:.6g} (channel {index}) is outside (0, {limit:g}); "
+                "a scale collapsed to zero or exploded during training"
+            )
+    else:
         f = representable_factor(torch.nan_to_num(f, nan=1.0), hw)
-    bad = ~torch.isfinite(f) | (f <= 0) | (f >= limit)
-    if check and bool(bad.any()):
-        index = int(bad.nonzero()[0, 0]) if f.dim() else 0
-        value = float(f.reshape(-1)[index])
-        raise FixedPointError(
-            f"{layer}: requantization factor {value:.6g} (channel {index}) is outside (0, {limit:g}); "
-            "a scale collapsed to zero or exploded during training"
-        )
-    k = torch.floor(torch.log2(limit / f))
-    k = torch.where(torch.ldexp(f, k) >= limit, k - 1, k)  # strict: f * 2**k < limit
-    k = torch.where(torch.ldexp(f, k + 1) < limit, k + 1, k)  # log2 rounding may undershoot by one
+    # f = mantissa * 2**e with mantissa in [0.5, 1), exactly: f * 2**k < limit holds for k = B - e - 1
+    # (at most 2**(B-1)) and fails for k = B - e + 1, so the largest k is B - e unless that reaches limit
+    mantissa, exponent = torch.frexp(f)
+    bits = hw.multiplier_bits
+    k = (bits - exponent.to(f.dtype)) - (mantissa * 2.0**bits >= limit).to(f.dtype)  # exact in float64
     k = torch.clamp(k, 0, hw.shift_max)
     m = torch.round(torch.ldexp(f, k))
     return m, k
@@ -157,8 +160,12 @@ def activation_scale(running_max: Tensor, hw: HardwareConfig) -> Tensor:
 
 
 def leaky_relu(q: Tensor) -> Tensor:
-    """LeakyReLU(1/64) on integers: negative ``v`` becomes ``(v + 32) >> 6``."""
-    return torch.where(q < 0, rshift_round(q, LEAKY_SHIFT), q)
+    """LeakyReLU(1/64) on integers: negative ``v`` becomes ``(v + 32) >> 6``.
+
+    Written as ``max(v, (v + 32) >> 6)``: for ``v < 0`` the shifted value is the larger one, for
+    ``v >= 0`` it is not larger than ``v`` (one op fewer than a select).
+    """
+    return torch.maximum(q, rshift_round(q, LEAKY_SHIFT))
 
 
 def channel_add(a: Tensor, b: Tensor, hw: HardwareConfig) -> Tensor:
@@ -270,7 +277,12 @@ def scale_index_factor(factor: Tensor, out_scale: Tensor | float) -> Tensor:
 
 def scale_index_bias(bias: Tensor, hw: HardwareConfig, rounding=torch.round) -> Tensor:
     """Folded integer bias of the odd channels: ``round(2**r * (16 b / 3 + 37))``, P-bit clamped."""
-    return clamp_bias(rounding((bias * INDEX_PER_V + INDEX_OFFSET) * 2.0**hw.residual_bits), hw)
+    return clamp_bias(rounding(scale_index_bias_quotient(bias, hw)), hw)
+
+
+def scale_index_bias_quotient(bias: Tensor, hw: HardwareConfig) -> Tensor:
+    """``2**r * (16 b / 3 + 37)``: the folded bias of :func:`scale_index_bias` before rounding and clamping."""
+    return (bias * INDEX_PER_V + INDEX_OFFSET) * 2.0**hw.residual_bits
 
 
 def scale_index_from_v(v: Tensor) -> Tensor:

@@ -54,36 +54,98 @@ def round_ste(x: Tensor) -> Tensor:
     return _RoundSTE.apply(x)
 
 
-class _RequantizeSTE(torch.autograd.Function):
-    """The exact requantization of :func:`fixedpoint.requantize`, in the accumulator's dtype, with
-    the gradient of its real-valued surrogate ``(acc * m / 2**k + b) / 2**r`` inside the clamp.
+def requantize_with_factor(acc: Tensor, factor: Tensor, bias_half: Tensor, lo, hi, residual_bits: int) -> Tensor:
+    """:func:`fixedpoint.requantize` with ``factor = m * 2**-k`` and ``bias_half = b + 2**(r-1)`` precomputed.
 
-    One fused step instead of a separately computed surrogate: the QAT hot path.
+    ``acc * factor`` rounds exactly like ``(acc * m) * 2**-k`` (a power of two only moves the exponent),
+    and the floor division of an integer by ``2**r`` is the rounding shift's ``>> r``.
+    """
+    v = torch.floor(acc * factor)
+    v += bias_half
+    return torch.div(v, 2**residual_bits, rounding_mode="floor").clamp_(lo, hi)
+
+
+class _RequantizeSTE(torch.autograd.Function):
+    """The exact requantization in the accumulator's dtype, with the gradient of its real-valued
+    surrogate ``(acc * m / 2**k + b) / 2**r`` inside the clamp. One fused step: the QAT hot path.
     """
 
     @staticmethod
-    def forward(ctx, acc, bias, m, k, lo, hi, hw):
-        q = fxp.requantize(acc, m, k, bias, hw, lo, hi)
-        ctx.save_for_backward((q > lo) & (q < hi), torch.ldexp(m, -k) * 2.0**-hw.residual_bits)
-        ctx.residual_bits = hw.residual_bits
+    def forward(ctx, acc, bias_half, factor, lo, hi, residual_bits):
+        q = requantize_with_factor(acc, factor, bias_half, lo, hi, residual_bits)
+        if isinstance(lo, Tensor) or lo != -hi:
+            inside = (q > lo) & (q < hi)
+        else:
+            inside = q.abs() < hi
+        ctx.save_for_backward(inside, factor)
+        ctx.residual_bits = residual_bits
         return q
 
     @staticmethod
     def backward(ctx, grad):
         inside, factor = ctx.saved_tensors
         grad = grad * inside
-        grad_acc = grad * factor if ctx.needs_input_grad[0] else None
+        grad_acc = grad * factor * 2.0**-ctx.residual_bits if ctx.needs_input_grad[0] else None
         grad_bias = None
         if ctx.needs_input_grad[1]:
             grad_bias = grad.sum(dim=(0, 2, 3), keepdim=True) * 2.0**-ctx.residual_bits
-        return grad_acc, grad_bias, None, None, None, None, None
+        return grad_acc, grad_bias, None, None, None, None
 
 
-def requantize_ste(acc: Tensor, bias: Tensor, m: Tensor, k: Tensor, lo, hi, hw: HardwareConfig) -> Tensor:
-    """Integer output of a convolution (``bias``, ``m``, ``k`` shaped [1, C, 1, 1]), straight-through."""
-    if torch.is_grad_enabled() and (acc.requires_grad or bias.requires_grad):
-        return _RequantizeSTE.apply(acc, bias, m, k, lo, hi, hw)
-    return fxp.requantize(acc, m, k, bias, hw, lo, hi)
+def requantize_ste(acc: Tensor, bias_half: Tensor, factor: Tensor, lo, hi, hw: HardwareConfig) -> Tensor:
+    """Integer output of a convolution (``bias_half = b + 2**(r-1)``, ``factor = m * 2**-k``, shaped
+    [1, C, 1, 1]), straight-through."""
+    if torch.is_grad_enabled() and (acc.requires_grad or bias_half.requires_grad):
+        return _RequantizeSTE.apply(acc, bias_half, factor, lo, hi, hw.residual_bits)
+    return requantize_with_factor(acc, factor, bias_half, lo, hi, hw.residual_bits)
+
+
+class _QuantizeWeight(torch.autograd.Function):
+    """``q_w = round(clamp(w, +-max|w_c|) / s_w)`` formed in float64, straight-through gradient.
+
+    Computed as ``clamp(round(w / s_w), +-round(max|w_c| / s_w))``: rounding is monotone and the
+    bound is an integer, so the integers are the same, with fewer ops. The gradient is that of
+    ``clamp(w, +-max|w_c|) / s_w`` at the training precision (times the block mask, if any), whole
+    at ``|w| = max|w_c|`` too (autograd's clamp with tensor bounds gave half there).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, scale64, lower64, upper64, scale, absmax, mask):
+        q = torch.round(weight.detach().double() / scale64)
+        q = torch.clamp(q, lower64, upper64).to(weight.dtype)
+        if mask is not None:
+            q = q.mul_(mask)
+        ctx.save_for_backward(weight, scale, absmax, mask)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scale, absmax, mask = ctx.saved_tensors
+        grad = grad * (weight.abs() <= absmax) / scale
+        return (grad if mask is None else grad * mask), None, None, None, None, None, None
+
+
+class _QuantizeBias(torch.autograd.Function):
+    """``clamp(round(quotient(b)), +-bias_max) + offset`` with ``quotient`` evaluated in float64.
+
+    An integer of the datapath must not depend on the training precision (float32 and float64
+    round a quotient near .5 differently). ``gradient`` is the derivative of the (linear)
+    quotient; no gradient flows where the bias integer is clamped.
+    """
+
+    @staticmethod
+    def forward(ctx, bias, quotient, gradient, bound, offset):
+        v = quotient(bias.detach().double())
+        q = torch.round(v).clamp_(-bound, bound)
+        if offset:
+            q += offset
+        ctx.save_for_backward(gradient * (v.abs() <= bound))
+        return q.to(bias.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (gradient,) = ctx.saved_tensors
+        return grad.reshape(gradient.shape) * gradient, None, None, None, None
 
 
 def straight_through(surrogate: Tensor, exact: Tensor) -> Tensor:
@@ -91,33 +153,46 @@ def straight_through(surrogate: Tensor, exact: Tensor) -> Tensor:
     return surrogate + (exact - surrogate).detach()
 
 
-def round_in_float64(fn, *tensors: Tensor) -> Tensor:
-    """``round(fn(*tensors))`` evaluated in float64, with the gradient of ``fn`` at the tensors' precision.
-
-    An integer of the datapath must not depend on the training precision: float32 and float64
-    round a quotient that lies near .5 differently.
-    """
-    surrogate = fn(*tensors)
-    exact = torch.round(fn(*(t.detach().double() for t in tensors)))
-    return straight_through(surrogate, exact.to(surrogate.dtype))
-
-
-def _unrounded(x: Tensor) -> Tensor:
-    return x
-
-
 def weight_scale_of(absmax: Tensor, hw: HardwareConfig) -> Tensor:
     """Per-channel weight scale of a captured ``max|w_c|`` (an all-zero channel gets a tiny scale)."""
     return fxp.weight_scale(torch.clamp(absmax, min=SCALE_FLOOR), hw)
 
 
-def weight_quotient(w: Tensor, absmax: Tensor, hw: HardwareConfig) -> Tensor:
-    """``clamp(w, +-max|w_c|) / s_w`` for weights [C, ...] and per-channel ``absmax`` [C, 1, 1, 1]."""
-    return torch.clamp(w, -absmax, absmax) / weight_scale_of(absmax, hw)
-
-
 def _per_channel(t: Tensor) -> Tensor:
     return t.reshape(1, -1, 1, 1)
+
+
+def running_max_update(absmax: Tensor, momentum: Tensor, batch_max: Tensor) -> tuple[Tensor, Tensor]:
+    """New running max and momentum of activation ranges (elementwise: one layer or many stacked)."""
+    momentum = torch.clamp(momentum * MOMENTUM_GROWTH, MOMENTUM_START, MOMENTUM_END)
+    ema = absmax * momentum + batch_max * (1 - momentum)
+    pulled = absmax * (1 - PULL_UP) + batch_max * PULL_UP
+    first = absmax == 0
+    return torch.where(first, batch_max, torch.where(batch_max < absmax, ema, pulled)), momentum
+
+
+class RangeTracker:
+    """Collects the batch maxima of many layers during a forward and updates their running maxima
+    in one vectorised step (a dozen ops for the whole network instead of a dozen per layer).
+
+    The running maxima are only read once QAT freezes them, so deferring the update to the end
+    of the forward changes nothing; the numbers are those of the per-layer update.
+    """
+
+    def __init__(self):
+        self.pending: list[tuple[QuantLayer, Tensor]] = []
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        layers = [layer for layer, _ in self.pending]
+        batch_max = torch.stack([value for _, value in self.pending])
+        self.pending.clear()
+        absmax, momentum = running_max_update(torch.stack([layer.act_absmax for layer in layers]),
+                                              torch.stack([layer.act_momentum for layer in layers]), batch_max)
+        torch._foreach_copy_([layer.act_absmax for layer in layers], list(absmax.unbind()))
+        torch._foreach_copy_([layer.act_momentum for layer in layers], list(momentum.unbind()))
 
 
 class QuantLayer(nn.Module):
@@ -136,6 +211,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("act_momentum", torch.tensor(MOMENTUM_START / MOMENTUM_GROWTH))
         self.register_buffer("in_scale", torch.tensor(1.0))
         self.raised_range: tuple[float, float] | None = None
+        self.range_tracker: RangeTracker | None = None
         self._integer_cache: dict[str, tuple] = {}
 
     def _reuse(self, name: str, compute, *sources):
@@ -148,8 +224,8 @@ class QuantLayer(nn.Module):
         sources are compared by value.
         """
         tensors = [t for t in sources if isinstance(t, Tensor)]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return compute()
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return compute()  # a compiled graph computes (and fuses) it in place of the cache
         key = tuple((t._version, t.data_ptr(), t.dtype) if isinstance(t, Tensor) else t for t in sources)
         cached = self._integer_cache.get(name)
         if cached is None or cached[0] != key:
@@ -170,16 +246,19 @@ class QuantLayer(nn.Module):
 
     @torch.no_grad()
     def track_range(self, out: Tensor) -> None:
-        """Update the running max of ``|out|`` without a host sync."""
+        """Update the running max of ``|out|`` without a host sync.
+
+        With a ``range_tracker`` (the model sets one) the update is deferred to the tracker's
+        :meth:`RangeTracker.flush`, which updates every layer at once.
+        """
         if self.fixed_scale is not None or self.scales_frozen:
             return
-        batch_max = out.detach().abs().amax().to(self.act_absmax.dtype)
-        momentum = torch.clamp(self.act_momentum * MOMENTUM_GROWTH, MOMENTUM_START, MOMENTUM_END)
-        ema = self.act_absmax * momentum + batch_max * (1 - momentum)
-        pulled = self.act_absmax * (1 - PULL_UP) + batch_max * PULL_UP
-        first = self.act_absmax == 0
-        new = torch.where(first, batch_max, torch.where(batch_max < self.act_absmax, ema, pulled))
-        self.act_absmax.copy_(new)
+        batch_max = torch.linalg.vector_norm(out.detach(), float("inf")).to(self.act_absmax.dtype)  # max |out|
+        if self.range_tracker is not None:
+            self.range_tracker.pending.append((self, batch_max))
+            return
+        absmax, momentum = running_max_update(self.act_absmax, self.act_momentum, batch_max)
+        self.act_absmax.copy_(absmax)
         self.act_momentum.copy_(momentum)
 
     def _raise_range_to(self, floor: Tensor) -> None:
@@ -250,8 +329,55 @@ class QConv2d(QuantLayer):
 
     def _integer_weight_surrogate(self) -> Tensor:
         """``q_w = round(clamp(w, +-max|w_c|) / s_w)`` (formed in float64) with a straight-through gradient."""
-        return round_in_float64(lambda w, absmax: weight_quotient(w, absmax, self.hw), self.effective_weight(),
-                                self.weight_absmax.view(-1, 1, 1, 1))
+        frozen = self._frozen()
+        return _QuantizeWeight.apply(self.weight, frozen["weight_scale64"], frozen["weight_bound64_neg"],
+                                     frozen["weight_bound64"], frozen["weight_scale"], frozen["weight_absmax"],
+                                     self._weight_mask())
+
+    def _weight_mask(self) -> Tensor | None:
+        """The block mask applied to the weights (sparse layers), or None."""
+        return None
+
+    def _frozen(self) -> dict[str, Tensor]:
+        """Everything derived from the scales and multipliers frozen when QAT starts, computed once.
+
+        Recomputed when one of them changes (a loaded state, a conversion: ``_reuse``'s version
+        and storage keys).
+        """
+        return self._reuse("frozen", self._compute_frozen, self.in_scale, self.act_absmax, self.weight_absmax,
+                           self.req_m, self.req_k)
+
+    def _compute_frozen(self) -> dict[str, Tensor]:
+        absmax = self.weight_absmax.view(-1, 1, 1, 1)
+        scale64 = weight_scale_of(absmax.double(), self.hw)
+        lo, hi = self._output_bounds()
+        return {
+            "in_scale": self.in_scale.clone(),
+            "weight_absmax": absmax.clone(),
+            "weight_scale": weight_scale_of(absmax, self.hw),
+            "weight_scale64": scale64,
+            "weight_bound64": torch.round(absmax.double() / scale64),
+            "weight_bound64_neg": -torch.round(absmax.double() / scale64),
+            # the bias quotient b * 2**r / s_out, divided by s_out / 2**r in one step (the same float)
+            "bias_divisor64": self._scale_of(self.act_absmax.double()) * 2.0**-self.hw.residual_bits,
+            "bias_gradient": self._bias_gradient(),
+            "factor": _per_channel(torch.ldexp(self.req_m, -self.req_k)),
+            "lo": lo, "hi": hi,
+            "scale_map": self.output_scale_map(),
+        }
+
+    def _bias_quotient(self, bias64: Tensor) -> Tensor:
+        """The real bias integer before rounding, ``2**r * b / s_out``, in float64."""
+        return bias64 / self._frozen()["bias_divisor64"]
+
+    def _bias_gradient(self) -> Tensor:
+        """Derivative of :meth:`_bias_quotient` (at the training precision)."""
+        return (2.0**self.hw.residual_bits / self.out_scale).expand(self.out_channels)
+
+    def _bias_integers(self, offset: float = 0.0) -> Tensor:
+        """``clamp(round(2**r b / s_out), +-bias_max) + offset``, straight-through gradient."""
+        return _QuantizeBias.apply(self.bias, self._bias_quotient, self._frozen()["bias_gradient"],
+                                   float(self.hw.bias_max), offset)
 
     def _requant_factor(self) -> Tensor:
         """Real factor ``m / 2**k ~= 2**r s_in s_w / s_out`` per output channel."""
@@ -267,17 +393,12 @@ class QConv2d(QuantLayer):
     def _output_bounds(self) -> tuple[Tensor | float, Tensor | float]:
         return -self.out_bound, self.out_bound
 
-    def _bias_integer(self) -> Tensor:
-        return round_in_float64(
-            lambda b, absmax: fxp.quantize_bias(b, self._scale_of(absmax), self.hw, rounding=_unrounded),
-            self.bias, self.act_absmax)
-
     def integer_params(self) -> dict[str, Tensor]:
         """The integers the hardware holds for this layer (float tensors with integer values)."""
         with torch.no_grad():
             return {
                 "weight": self._integer_weight_surrogate().detach(),
-                "bias": self._bias_integer().detach(),
+                "bias": self._bias_integers().detach(),
                 "scale_param": self.req_m.clone(),
                 "scale_shift": self.req_k.clone(),
             }
@@ -292,7 +413,7 @@ class QConv2d(QuantLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.quantized:
-            return self._forward_quantized(x) * self.output_scale_map()
+            return self._forward_quantized(x) * self._frozen()["scale_map"]
         out = self._conv(x, self.effective_weight()) + _per_channel(self.bias)
         if self.fixed_scale is not None:
             return self._fake_quant_fixed(out)
@@ -306,13 +427,13 @@ class QConv2d(QuantLayer):
         float32 sums past 2**24 may round (DESIGN §3 accepts that for training); in float64
         every step is exact.
         """
-        q_in = round_ste(x / self.in_scale)
+        frozen = self._frozen()
+        q_in = round_ste(x / frozen["in_scale"])
         weight = self._reuse("weight", self._integer_weight_surrogate, *self._weight_sources())
-        bias = self._reuse("bias", self._bias_integer, self.bias, self.act_absmax)
+        bias_half = self._reuse("bias_half", lambda: self._bias_integers(2.0 ** (self.hw.residual_bits - 1)),
+                                self.bias, self.act_absmax)
         acc = self._conv(q_in, weight)
-        lo, hi = self._output_bounds()
-        m, k = _per_channel(self.req_m).to(acc.dtype), _per_channel(self.req_k).to(acc.dtype)
-        return requantize_ste(acc, _per_channel(bias).to(acc.dtype), m, k, lo, hi, self.hw)
+        return requantize_ste(acc, _per_channel(bias_half), frozen["factor"], frozen["lo"], frozen["hi"], self.hw)
 
     def _weight_sources(self) -> tuple:
         """What the integer weights are computed from."""
@@ -346,11 +467,25 @@ class QLeakyReLU(nn.Module):
         return self.in_scale
 
     def forward(self, x: Tensor) -> Tensor:
-        surrogate = F.leaky_relu(x, 2.0**-fxp.LEAKY_SHIFT)
         if not self.quantized:
-            return surrogate
-        q = torch.round(x.detach() / self.in_scale)
-        return straight_through(surrogate, fxp.leaky_relu(q) * self.in_scale)
+            return F.leaky_relu(x, 2.0**-fxp.LEAKY_SHIFT)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _QuantizedLeakyReLU.apply(x, self.in_scale)
+        return fxp.leaky_relu(torch.round(x / self.in_scale)) * self.in_scale
+
+
+class _QuantizedLeakyReLU(torch.autograd.Function):
+    """Integer LeakyReLU of ``round(x / s)`` (times ``s``) with the float LeakyReLU's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, in_scale):
+        ctx.save_for_backward(x)
+        return fxp.leaky_relu(torch.round(x / in_scale)) * in_scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.leaky_relu_backward(grad, x, 2.0**-fxp.LEAKY_SHIFT, False), None
 
 
 class ChannelAddition(nn.Module):
@@ -369,7 +504,8 @@ class ChannelAddition(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = x.chunk(2, dim=1)
-        return fxp.channel_add(a / self.scale, b / self.scale, self.hw) * self.scale
+        # the scale is a power of two: the sum and the clamp are exact on the real values
+        return fxp.clamp_symmetric(a + b, self.hw.act_max * self.scale)
 
 
 class LAGC(QuantLayer):
@@ -420,31 +556,62 @@ class LAGC(QuantLayer):
         self.out_m.copy_(m)
         self.out_k.copy_(k)
 
-    def _integer_pieces(self):
-        """Integer affine weights/bias (gamma's sign folded in), gain bias and gain factor."""
+    def _frozen(self) -> dict[str, Tensor]:
+        """What the frozen scales and multipliers determine, computed once (see :meth:`QConv2d._frozen`)."""
+        return self._reuse("frozen", self._compute_frozen, self.in_scale, self.act_absmax, self.affine_absmax,
+                           self.gain_scale, self.affine_m, self.affine_k, self.out_m, self.out_k)
+
+    def _compute_frozen(self) -> dict[str, Tensor]:
         hw = self.hw
+        absmax = self.affine_absmax.view(-1, 1, 1, 1)
+        scale64 = weight_scale_of(absmax.double(), hw)
+        gain_scale64 = self.gain_scale.double()
+        return {
+            "in_scale": self.in_scale.clone(),
+            "out_scale": self.out_scale.clone(),
+            "affine_absmax": absmax.clone(),
+            "affine_scale": weight_scale_of(absmax, hw),
+            "affine_scale64": scale64,
+            "affine_bound64": torch.round(absmax.double() / scale64),
+            "affine_bound64_neg": -torch.round(absmax.double() / scale64),
+            "affine_factor": _per_channel(torch.ldexp(self.affine_m, -self.affine_k)),
+            "output_factor": _per_channel(torch.ldexp(self.out_m, -self.out_k)),
+            # (beta + 1) * 2**r / s_g and |gamma| * 2**r * s_t / s_g, each divided in one step (the same floats)
+            "gain_bias_divisor64": gain_scale64 * 2.0**-hw.residual_bits,
+            "gain_bias_gradient": 2.0**hw.residual_bits / self.gain_scale,
+            "gain_factor_divisor64": gain_scale64 * 2.0 ** (hw.tanh_out_shift - hw.residual_bits),
+            "gain_factor_scale": 2.0**hw.residual_bits * self.tanh_out_scale / self.gain_scale,
+        }
+
+    def _integer_pieces(self):
+        """Integer affine weights/bias (gamma's sign folded in), gain bias, the real gain factor (with
+        gradients) and the gain multiplier ``(m_g, k_g)`` formed in float64."""
+        hw = self.hw
+        frozen = self._frozen()
         gamma, beta = self._gamma_beta()
-        sign = torch.where(gamma.detach() < 0, -1.0, 1.0).to(gamma.dtype)
-        q_wa = round_in_float64(lambda w, absmax: weight_quotient(w, absmax, hw), self.affine.weight,
-                                self.affine_absmax.view(-1, 1, 1, 1)) * sign.view(-1, 1, 1, 1)
-        b_a = round_in_float64(lambda b: fxp.quantize_bias(b, self.tanh_in_scale, hw, rounding=_unrounded),
-                               self.affine.bias * sign)
-        b_g = round_in_float64(lambda b, s_g: fxp.quantize_bias(b + 1.0, s_g, hw, rounding=_unrounded),
-                               beta, self.gain_scale)
-        return q_wa, b_a, b_g, self._gain_factor(gamma, self.gain_scale)
+        sign = 1.0 - 2.0 * (gamma.detach() < 0)  # tanh is odd: gamma's sign goes into the affine conv
+        q_wa = _QuantizeWeight.apply(self.affine.weight, frozen["affine_scale64"], frozen["affine_bound64_neg"],
+                                     frozen["affine_bound64"], frozen["affine_scale"], frozen["affine_absmax"],
+                                     None) * sign.view(-1, 1, 1, 1)
+        # tanh's input scale is a power of two, so 2**r b / s_t is exact at the training precision
+        b_a = round_ste(fxp.clamp_bias(self.affine.bias * (sign * 2.0 ** (hw.residual_bits + hw.tanh_in_shift)),
+                                       hw))
+        b_g = _QuantizeBias.apply(beta, lambda b: (b + 1.0) / frozen["gain_bias_divisor64"],
+                                  frozen["gain_bias_gradient"], float(hw.bias_max), 0.0)
+        gain_factor = gamma.abs() * frozen["gain_factor_scale"]
+        multiplier = self._gain_multiplier(check=False)
+        return q_wa, b_a, b_g, gain_factor, multiplier
 
-    def _gain_factor(self, gamma: Tensor, gain_scale: Tensor) -> Tensor:
-        """Real gain factor ``m_g / 2**k_g ~= 2**r |gamma| s_t / s_g``."""
-        return (2.0**self.hw.residual_bits) * gamma.abs() * self.tanh_out_scale / gain_scale
-
+    @torch.compiler.disable  # inductor's CPU code cannot vectorise to_multiplier's int32 exponent
     def _gain_multiplier(self, check: bool = True) -> tuple[Tensor, Tensor]:
-        """``(m_g, k_g)`` of the gain factor formed in float64, whatever the training precision.
+        """``(m_g, k_g)`` of the gain factor ``2**r |gamma| s_t / s_g`` formed in float64, whatever the
+        training precision.
 
         gamma trains during QAT, so its factor is held representable (the same clamp in the
         forward and the export); ``check`` only catches a non-finite gamma.
         """
         gamma, _ = self._gamma_beta()
-        factor = self._gain_factor(gamma.detach().double(), self.gain_scale.double())
+        factor = gamma.detach().double().abs() / self._frozen()["gain_factor_divisor64"]
         if not check:  # the hot path: no host sync; to_multiplier clamps the same way
             return fxp.to_multiplier(factor, self.hw, f"{self.layer_name}.gain", check=False)
         factor = torch.where(torch.isfinite(factor), fxp.representable_factor(factor, self.hw), factor)
@@ -453,7 +620,7 @@ class LAGC(QuantLayer):
     def integer_params(self) -> dict[str, Tensor]:
         """The hardware's integers; the gain path ("score" in the research code's names) is ``score_*``."""
         with torch.no_grad():
-            q_wa, b_a, b_g, _ = self._integer_pieces()
+            q_wa, b_a, b_g, _, _ = self._integer_pieces()
             m_g, k_g = self._gain_multiplier()
             return {
                 "affine_weight": q_wa,
@@ -481,30 +648,65 @@ class LAGC(QuantLayer):
 
     def _forward_quantized(self, x: Tensor) -> Tensor:
         hw = self.hw
-        r_scale = 2.0**-hw.residual_bits
-        q_in = round_ste(x / self.in_scale)
+        half = 2.0 ** (hw.residual_bits - 1)
+        frozen = self._frozen()
+        q_in = round_ste(x / frozen["in_scale"])
         sources = (self.affine.weight, self.affine.bias, self.gain.weight, self.gain.bias, self.affine_absmax)
-        q_wa, b_a, b_g, gain_factor = self._reuse("pieces", self._integer_pieces, *sources)
-        m_g, k_g = self._reuse("gain_multiplier", lambda: self._gain_multiplier(check=False), *sources)
+        q_wa, b_a, b_g, gain_factor, (m_g, k_g) = self._reuse("pieces", self._integer_pieces, *sources)
         acc = F.conv2d(q_in, q_wa)
-        dtype = acc.dtype
         # affine conv to the tanh input scale
-        m_a, k_a = _per_channel(self.affine_m).to(dtype), _per_channel(self.affine_k).to(dtype)
-        a = requantize_ste(acc, _per_channel(b_a).to(dtype), m_a, k_a, -hw.act_max, hw.act_max, hw)
-        m_g, k_g = _per_channel(m_g).to(dtype), _per_channel(k_g).to(dtype)
-        m_o, k_o = _per_channel(self.out_m).to(dtype), _per_channel(self.out_k).to(dtype)
-        # exact integers: tanh look-up, per-channel gain, output multiply with a floor shift
-        t_exact = fxp.tanh_lookup(a.detach(), self.tanh_lut)
-        g_exact = fxp.lagc_gain(t_exact, m_g, k_g, _per_channel(b_g.detach()).to(dtype), hw)
-        out_exact = fxp.lagc_output(q_in.detach(), g_exact, m_o, k_o, hw)
-        if not (torch.is_grad_enabled() and (a.requires_grad or gain_factor.requires_grad)):
-            return out_exact * self.out_scale  # frozen or evaluated: no surrogate needed
-        # straight-through gradients; the gain multiplier follows the trained gamma
-        t = straight_through(torch.tanh(a * self.tanh_in_scale) / self.tanh_out_scale, t_exact)
-        g_sur = torch.clamp((t * _per_channel(gain_factor) + _per_channel(b_g)) * r_scale, -hw.act_max, hw.act_max)
-        g = straight_through(g_sur, g_exact)
-        out_sur = torch.clamp(q_in * g * torch.ldexp(m_o, -k_o), -hw.act_max, hw.act_max)
-        return straight_through(out_sur, out_exact) * self.out_scale
+        a = requantize_ste(acc, _per_channel(b_a + half), frozen["affine_factor"], -hw.act_max, hw.act_max, hw)
+        gain_multiplier = _per_channel(torch.ldexp(m_g, -k_g).to(acc.dtype))
+        gain_bias = _per_channel(b_g)
+        if torch.is_grad_enabled() and (a.requires_grad or gain_factor.requires_grad or b_g.requires_grad):
+            out = _LAGCTail.apply(a, q_in, _per_channel(gain_factor), gain_bias, gain_multiplier,
+                                  frozen["output_factor"], self.tanh_lut, self)
+        else:  # frozen or evaluated: the exact integers alone
+            out = _lagc_tail(a, q_in, gain_multiplier, gain_bias, frozen["output_factor"], self.tanh_lut, hw)[0]
+        return out * frozen["out_scale"]
+
+
+def _lagc_tail(a: Tensor, q_in: Tensor, gain_multiplier: Tensor, gain_bias: Tensor, output_factor: Tensor,
+               table: Tensor, hw: HardwareConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """LAGC's integers after the affine conv: tanh look-up ``t``, gain ``g``, output; and ``q_in * g * f_o``.
+
+    The steps of :func:`fixedpoint.lagc_gain` and :func:`fixedpoint.lagc_output` with the
+    multipliers as factors ``m * 2**-k`` (the same floats, see :func:`requantize_with_factor`).
+    """
+    t = fxp.tanh_lookup(a, table)
+    g = requantize_with_factor(t, gain_multiplier, gain_bias + 2.0 ** (hw.residual_bits - 1), -hw.act_max,
+                               hw.act_max, hw.residual_bits)
+    product = q_in * g * output_factor
+    return torch.floor(product).clamp_(-hw.act_max, hw.act_max), t, g, product
+
+
+class _LAGCTail(torch.autograd.Function):
+    """The exact tail of LAGC (:func:`_lagc_tail`) with the gradients of its real surrogate:
+    ``t = tanh(a s_in_t) / s_out_t``, ``g = clamp((t * gain_factor + b_g) / 2**r)``,
+    ``out = clamp(q_in * g * f_o)``, each evaluated at the exact integers of the step before.
+    """
+
+    @staticmethod
+    def forward(ctx, a, q_in, gain_factor, gain_bias, gain_multiplier, output_factor, table, layer):
+        hw = layer.hw
+        out, t, g, product = _lagc_tail(a, q_in, gain_multiplier, gain_bias, output_factor, table, hw)
+        gain_inside = (t * gain_factor + gain_bias).abs() <= hw.act_max * 2.0**hw.residual_bits
+        ctx.save_for_backward(a, q_in, t, g, gain_factor, output_factor, gain_inside, product.abs() <= hw.act_max)
+        ctx.scales = (layer.tanh_in_scale, layer.tanh_out_scale, 2.0**-hw.residual_bits)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, q_in, t, g, gain_factor, output_factor, gain_inside, out_inside = ctx.saved_tensors
+        tanh_in_scale, tanh_out_scale, r_scale = ctx.scales
+        grad_product = grad * out_inside * output_factor
+        grad_q_in = grad_product * g
+        grad_gain = grad_product * q_in * gain_inside  # d/d(t * gain_factor + b_g), times 2**r
+        grad_t = grad_gain * (gain_factor * r_scale)
+        grad_factor = (grad_gain * t).sum(dim=(0, 2, 3), keepdim=True) * r_scale
+        grad_bias = grad_gain.sum(dim=(0, 2, 3), keepdim=True) * r_scale
+        grad_a = torch.ops.aten.tanh_backward(grad_t * (tanh_in_scale / tanh_out_scale), torch.tanh(a * tanh_in_scale))
+        return grad_a, grad_q_in, grad_factor, grad_bias, None, None, None, None
 
 
 class FGPConv2d(QConv2d):
@@ -541,17 +743,21 @@ class FGPConv2d(QConv2d):
     def effective_weight(self) -> Tensor:
         return self.weight * self.mask if self.masked else self.weight
 
+    def _weight_mask(self) -> Tensor | None:
+        return self.mask if self.masked else None
+
     def _weight_sources(self) -> tuple:
         return self.weight, self.weight_absmax, self.mask, self.masked
 
     # -- statistics and masks ---------------------------------------------------------------
     @torch.no_grad()
     def record_stats(self, x: Tensor) -> None:
-        momentum = torch.clamp(self.stats_momentum * STATS_MOMENTUM_GROWTH, 0.0, MOMENTUM_END)
+        momentum = self.stats_momentum.mul_(STATS_MOMENTUM_GROWTH).clamp_(0.0, MOMENTUM_END)
         x = x.detach()
-        self.in_mean.mul_(momentum).add_((1 - momentum) * x.mean(dim=(0, 2, 3)))
-        self.in_sqmean.mul_(momentum).add_((1 - momentum) * x.square().mean(dim=(0, 2, 3)))
-        self.stats_momentum.copy_(momentum)
+        # both EMAs in the same elementwise steps, each step on the pair at once
+        stats = torch._foreach_mul([x.mean(dim=(0, 2, 3)), x.square().mean(dim=(0, 2, 3))], 1 - momentum)
+        torch._foreach_mul_([self.in_mean, self.in_sqmean], momentum)
+        torch._foreach_add_([self.in_mean, self.in_sqmean], stats)
 
     def input_std(self) -> Tensor:
         return torch.sqrt(torch.clamp(self.in_sqmean - self.in_mean.square(), min=0.0))
@@ -602,12 +808,17 @@ class FGPConv2d(QConv2d):
             return factor
         return torch.where(self.odd_channels, fxp.scale_index_factor(factor, self.out_scale), factor)
 
-    def _bias_integer(self) -> Tensor:
-        b_q = super()._bias_integer()
+    def _bias_quotient(self, bias64: Tensor) -> Tensor:
+        b_q = super()._bias_quotient(bias64)
         if not self.pdf_index:
             return b_q
-        index_bias = round_in_float64(lambda b: fxp.scale_index_bias(b, self.hw, rounding=_unrounded), self.bias)
-        return torch.where(self.odd_channels, index_bias, b_q)
+        return torch.where(self.odd_channels, fxp.scale_index_bias_quotient(bias64, self.hw), b_q)
+
+    def _bias_gradient(self) -> Tensor:
+        gradient = super()._bias_gradient()
+        if not self.pdf_index:
+            return gradient
+        return torch.where(self.odd_channels, fxp.INDEX_PER_V * 2.0**self.hw.residual_bits, gradient)
 
     def _output_bounds(self):
         if not self.pdf_index:

@@ -17,7 +17,7 @@ from . import topology
 from .config import ModelConfig, hardware_config, model_config, sparsity_config
 from .entropy import RectifiedPDF, bottleneck_pmf_table, gaussian_pmf_table
 from .layers import (LAGC, ChannelAddition, FGPConv2d, QConv2d, QLeakyReLU, QuantLayer, QUpsampleConv2d,
-                     straight_through)
+                     RangeTracker, straight_through)
 from .params import export_quantized_parameters
 from .stage import STATE_VERSION, StageState, stage_state_of_version_1
 
@@ -56,9 +56,12 @@ class StreamLIC(StageState, CompressionModel):
         self.rectified_cdf_y = RectifiedPDF(fxp.SCALE_LEVELS)
         self.rectified_cdf_z = RectifiedPDF(mcfg.N)
         self.register_buffer("clamped_symbols", torch.zeros((), dtype=torch.long), persistent=False)
+        # activation ranges of all layers are updated together at the end of each training forward
+        self.range_tracker = RangeTracker()
         for name, module in self.named_modules():
             if isinstance(module, QuantLayer):
                 module.layer_name = name
+                module.range_tracker = self.range_tracker
 
         self._init_stage_state()
         self._apply_stage()
@@ -282,18 +285,20 @@ class StreamLIC(StageState, CompressionModel):
         hw, ls = self.hw, self.hw.latent_scale
         b, c, height, width = y.shape
         padded = y.new_zeros(b, c, height + 3, width + 2)
-        symbols = torch.empty_like(y)
+        y_q = y / ls
+        residuals = torch.empty_like(y)  # symbols before their clamp; clamped and counted once after the loop
         ep_rows = []
         for h in range(height):
             ctx = self.context_prediction(padded[:, :, h:h + 3])
             ep = self.entropy_params(params[:, :, h:h + 1], ctx)
             mu_q = ep[:, 0::2] / ls
-            y_q = y[:, :, h:h + 1] / ls
-            row_symbols = fxp.latent_symbols(y_q, mu_q, hw)
-            self.clamped_symbols += (fxp.symbol_residual(y_q, mu_q, hw).abs() > fxp.SYMBOL_MAX).sum()
-            symbols[:, :, h:h + 1] = row_symbols
+            residual = fxp.symbol_residual(y_q[:, :, h:h + 1], mu_q, hw)
+            residuals[:, :, h:h + 1] = residual
+            row_symbols = fxp.clamp_symmetric(residual, fxp.SYMBOL_MAX)
             padded[:, :, h + 3:h + 4, 1:-1] = fxp.dequantize_latent(row_symbols, mu_q, hw) * ls
             ep_rows.append(ep)
+        self.clamped_symbols += (residuals.abs() > fxp.SYMBOL_MAX).sum()
+        symbols = fxp.clamp_symmetric(residuals, fxp.SYMBOL_MAX)
         return padded[:, :, 3:, 1:-1], symbols, torch.cat(ep_rows, dim=2)
 
     def _hyper(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -303,19 +308,28 @@ class StreamLIC(StageState, CompressionModel):
             channel = torch.arange(self.N, device=z.device).view(1, -1, 1, 1).expand_as(z_symbols)
             return z_symbols, self.rectified_cdf_z.likelihood(z_symbols, channel), z_symbols
         if self.training and not self.encoder_fixed:
-            z_tilde, likelihood = self.entropy_bottleneck(z, training=True)
-            return z_tilde, likelihood, z_symbols
+            # compressai's EntropyBottleneck.forward(training=True) without the host syncs of its
+            # tensor-valued permutation: the same noise draw, values and likelihoods
+            values = z.transpose(0, 1).contiguous()  # channels first; contiguous so the noise fills it in order
+            z_tilde = self.entropy_bottleneck.quantize(values.reshape(values.size(0), 1, -1), "noise")
+            likelihood = self._factorized_likelihood(z_tilde)
+            # contiguous, as compressai returns them (the loss's sum then adds in the same order)
+            return (z_tilde.reshape(values.shape).transpose(0, 1).contiguous(),
+                    likelihood.reshape(values.shape).transpose(0, 1).contiguous(), z_symbols)
         z_hat = straight_through(z, z_symbols)
         return z_hat, self._bottleneck_likelihood(z_hat), z_symbols
 
     def _bottleneck_likelihood(self, z_hat: Tensor) -> Tensor:
         """Factorized-model likelihood of integer hyper symbols (no median offset, as coded)."""
-        eb = self.entropy_bottleneck
         values = z_hat.transpose(0, 1)  # channels first, as compressai's model expects
-        likelihood, _, _ = eb._likelihood(values.reshape(values.size(0), 1, -1))
-        if eb.use_likelihood_bound:
-            likelihood = eb.likelihood_lower_bound(likelihood)
+        likelihood = self._factorized_likelihood(values.reshape(values.size(0), 1, -1))
         return likelihood.reshape(values.shape).transpose(0, 1)
+
+    def _factorized_likelihood(self, values: Tensor) -> Tensor:
+        """The EntropyBottleneck's (lower-bounded) likelihood of channels-first values [C, 1, N]."""
+        eb = self.entropy_bottleneck
+        likelihood, _, _ = eb._likelihood(values)
+        return eb.likelihood_lower_bound(likelihood) if eb.use_likelihood_bound else likelihood
 
     def _gaussian_likelihood(self, values: Tensor, sigma: Tensor) -> Tensor:
         gc = self.gaussian_conditional
@@ -325,6 +339,7 @@ class StreamLIC(StageState, CompressionModel):
         return likelihood
 
     def forward(self, x: Tensor) -> dict[str, Any]:
+        self.range_tracker.pending.clear()  # nothing left over from a forward that raised
         y = self.g_a(self.image_input(x))
         z = self.h_a(y)
         z_hat, z_likelihoods, z_symbols = self._hyper(z)
@@ -350,6 +365,7 @@ class StreamLIC(StageState, CompressionModel):
                 y_likelihoods = self._gaussian_likelihood(values, sigma)
 
         x_hat = self.g_s(y_hat) + 0.5
+        self.range_tracker.flush()
         return {
             "x_hat": x_hat,
             "likelihoods": {"y": y_likelihoods, "z": z_likelihoods},

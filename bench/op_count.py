@@ -1,0 +1,216 @@
+"""Compute ops and host syncs dispatched by one training step, per stage.
+
+    python bench/op_count.py [--batch 2] [--size 128] [--research PATH] [--top 12]
+
+On a GPU the training step is launch-bound, so its cost is the number of kernels it launches.
+That number is measured here on any machine: a ``TorchDispatchMode`` counts every ATen op
+dispatched during one step (forward, rate-distortion loss, backward, Adam step), leaving out
+views, metadata-only ops and bare allocations (they launch no kernel). Host syncs are the
+ops that read a tensor's value on the host (``aten._local_scalar_dense``: ``.item()``,
+``bool(t)``, ``if t:``) plus ``Tensor.tolist`` / ``Tensor.numpy`` calls, counted in the model's
+forward, loss and backward (Adam reads its step counters, which stay on the host on a GPU too).
+Adam runs its ``foreach`` implementation, the GPU default (``--no-foreach``: the per-parameter
+loop torch picks on a CPU).
+
+``--research PATH`` counts the public research implementation side by side: PATH is a folder
+holding its ``StreamLIC_Q.py`` and ``qat_utils.py`` (kept outside this repository). Both
+models are driven through the same five stages by their own stage APIs, with the same
+photos, loss and optimizer; one warm-up step per stage precedes the counted step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import photo_batch  # noqa: E402
+
+from streamlic.model import STAGES  # noqa: E402
+
+aten = torch.ops.aten
+# ops that only describe or allocate memory: no kernel runs for them
+NO_KERNEL = {aten.detach, aten.alias, aten._unsafe_view, aten.lift_fresh, aten.empty, aten.empty_like,
+             aten.empty_strided, aten.new_empty, aten.new_empty_strided, aten.set_, aten.resize_}
+HOST_SYNC = {aten._local_scalar_dense}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched compute ops by name, and host syncs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.host_syncs = 0
+        self.counting_syncs = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = func.overloadpacket
+        if packet in HOST_SYNC:
+            self.host_syncs += self.counting_syncs
+        elif not (func.is_view or packet in NO_KERNEL):
+            self.ops[packet.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def counting_host_reads(self):
+        """Also count ``tolist``/``numpy`` (host reads that dispatch no op)."""
+        originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+        def wrap(original):
+            def read(tensor, *args, **kwargs):
+                self.host_syncs += self.counting_syncs
+                return original(tensor, *args, **kwargs)
+            return read
+
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, wrap(original))
+        try:
+            yield self
+        finally:
+            for name, original in originals.items():
+                setattr(torch.Tensor, name, original)
+
+
+def training_step(model, x: torch.Tensor, optimizer: torch.optim.Optimizer, counter: OpCounter | None = None) -> None:
+    """The step of ``bench/train_step.py``: forward, RD loss, backward, Adam (whose syncs ``counter`` skips)."""
+    out = model(x)
+    pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    bpp = sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values()) / pixels
+    loss = bpp + 0.01 * 255**2 * torch.mean((out["x_hat"] - x) ** 2)
+    optimizer.zero_grad()
+    loss.backward()
+    if counter is not None:
+        counter.counting_syncs = False
+    optimizer.step()
+
+
+def count_step(model, x: torch.Tensor, optimizer, step=training_step) -> OpCounter:
+    counter = OpCounter()
+    with counter, counter.counting_host_reads():
+        step(model, x, optimizer, counter)
+    return counter
+
+
+def count_stages(model, x: torch.Tensor, enter_stage, warmup: int = 1, foreach: bool = True,
+                 step=training_step) -> dict[str, OpCounter]:
+    """One counted step per stage after ``warmup`` steps; ``enter_stage(model, stage)`` switches stages."""
+    model.train()
+    params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
+    optimizer = torch.optim.Adam(params, lr=1e-5, foreach=foreach)
+    counts = {}
+    for stage in STAGES:
+        enter_stage(model, stage)
+        for _ in range(warmup):
+            step(model, x, optimizer)
+        counts[stage] = count_step(model, x, optimizer, step)
+    return counts
+
+
+# ------------------------------------------------------------------ the research code
+
+def load_research(path: str | Path):
+    """Import ``StreamLIC_Q.py`` + ``qat_utils.py`` from ``path`` as one package.
+
+    Its relative imports are resolved in a synthetic package whose ``base`` module is
+    compressai's (``CompressionModel``, ``get_scale_table``).
+    """
+    import compressai.models.base
+
+    path = Path(path)
+    package = types.ModuleType("research_streamlic")
+    package.__path__ = [str(path)]
+    sys.modules["research_streamlic"] = package
+    sys.modules["research_streamlic.base"] = compressai.models.base
+    for name in ("qat_utils", "StreamLIC_Q"):
+        spec = importlib.util.spec_from_file_location(f"research_streamlic.{name}", path / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["research_streamlic.StreamLIC_Q"].ARLiteSparse_Q
+
+
+def enter_research_stage(model, stage: str) -> None:
+    """The research code's calls for each stage transition (its prints are silenced)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        if stage == "mask":
+            model.set_all_mask()
+            model.toggle_mask(True)
+        elif stage == "qat":
+            model.toggle_quantization(True)
+        elif stage == "fix_encoder":
+            model.fix_encoder_flag(True)
+        elif stage == "pdf":
+            model.init_pdf_table()
+            model.toggle_pdf_training_flag(True)
+
+
+def quiet_step(model, x, optimizer, counter=None) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):
+        training_step(model, x, optimizer, counter)
+
+
+def enter_our_stage(model, stage: str) -> None:
+    model.enter_stage(stage)
+
+
+# ------------------------------------------------------------------ report
+
+def measure(args) -> dict[str, dict[str, OpCounter]]:
+    from streamlic import StreamLIC
+
+    torch.manual_seed(0)
+    x = photo_batch(args.batch, args.size, "cpu")
+    results = {}
+    if args.research:
+        research_class = load_research(args.research)
+        torch.manual_seed(0)
+        with contextlib.redirect_stdout(io.StringIO()):
+            research = research_class()
+        results["research"] = count_stages(research, x, enter_research_stage, foreach=args.foreach, step=quiet_step)
+    torch.manual_seed(0)
+    results["StreamLIC"] = count_stages(StreamLIC(), x, enter_our_stage, foreach=args.foreach)
+    return results
+
+
+def print_report(results: dict[str, dict[str, OpCounter]], args) -> None:
+    adam = "Adam foreach" if args.foreach else "Adam for-loop"
+    print(f"one training step, default model, batch {args.batch} x {args.size}², {adam}, torch {torch.__version__}")
+    print("| implementation | " + " | ".join(STAGES) + " |")
+    print("|---|" + "---|" * len(STAGES))
+    for name, counts in results.items():
+        cells = " | ".join(f"{sum(counts[s].ops.values())} ops, {counts[s].host_syncs} syncs" for s in STAGES)
+        print(f"| {name} | {cells} |")
+    if "research" in results:
+        ours, theirs = results["StreamLIC"], results["research"]
+        ratios = " | ".join(f"{sum(ours[s].ops.values()) / sum(theirs[s].ops.values()):.2f}x" for s in STAGES)
+        print(f"| StreamLIC / research | {ratios} |")
+    for name, counts in results.items():
+        for stage in STAGES:
+            top = ", ".join(f"{op} {n}" for op, n in counts[stage].ops.most_common(args.top))
+            print(f"{name} {stage}: {top}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--research", help="folder with the research code's StreamLIC_Q.py and qat_utils.py")
+    parser.add_argument("--foreach", action=argparse.BooleanOptionalAction, default=True,
+                        help="Adam's foreach implementation (the GPU default)")
+    parser.add_argument("--top", type=int, default=10, help="most frequent ops listed per stage")
+    args = parser.parse_args()
+    print_report(measure(args), args)
+
+
+if __name__ == "__main__":
+    main()
