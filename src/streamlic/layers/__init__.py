@@ -1,0 +1,24 @@
+"""Quantization-aware layers of StreamLIC, one module per layer family.
+
+Each layer has two numerics, chosen by its ``quantized`` flag (set by the model's stage API):
+
+* float: ordinary float arithmetic; learned activation ranges are tracked while training.
+* quantized: the exact integer datapath of docs/fixed-point.md, built from :mod:`streamlic.fixedpoint`
+  on integer-valued tensors, with straight-through gradients taken from a real-valued
+  surrogate of the same computation. In float64 this path is bit-exact with the integer
+  reference model; in float32 it is the training approximation.
+
+``integer_params()`` is the single source of every exported integer (weights, biases,
+multipliers, shifts): the quantized forward, the integer reference model and the exporter
+all read it.
+"""
+
+from .conv import ChannelAddition, QConv2d, QLeakyReLU, QUpsampleConv2d
+from .lagc import LAGC
+from .quant import (QuantLayer, RangeTracker, requantize_ste, round_ste, running_max_update, straight_through,
+                    weight_scale_of)
+from .sparse import FGPConv2d
+
+__all__ = ["ChannelAddition", "FGPConv2d", "LAGC", "QConv2d", "QLeakyReLU", "QUpsampleConv2d", "QuantLayer",
+           "RangeTracker", "requantize_ste", "round_ste", "running_max_update", "straight_through",
+           "weight_scale_of"]
