@@ -110,3 +110,14 @@ def test_scale_index_fold_reproduces_the_index_rule():
     assert fxp.sigma_from_index(torch.tensor(127.0)).item() == pytest.approx(2 ** (270 / 32))
     v = torch.tensor([-111 / 16, 0.0, 270 / 16])
     assert fxp.scale_index_from_v(v).tolist() == pytest.approx([0.0, 37.0, 127.0])
+
+
+def test_a_nan_reaching_a_quantized_lagc_stays_nan_instead_of_crashing():
+    """The non-finite guard must see the NaN; an out-of-bounds table read would crash first."""
+    from _models import tiny_model
+
+    model = tiny_model("w12a12", "qat")
+    lagc = model.g_a[1]
+    x = torch.full((1, lagc.channels, 4, 4), float("nan"))
+    with torch.no_grad():
+        assert torch.isnan(lagc(x)).all()

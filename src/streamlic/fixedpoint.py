@@ -187,7 +187,12 @@ def tanh_table(hw: HardwareConfig) -> Tensor:
 def tanh_lookup(a: Tensor, table: Tensor) -> Tensor:
     """Read the tanh table at the clamped integer ``a`` (any float dtype holding integers)."""
     act_max = (table.numel() - 1) // 2
-    return table.to(a.dtype)[(a + act_max).long()]
+    index = a + act_max
+    if index.is_floating_point():
+        # a NaN index would read out of bounds; the LAGC output stays NaN through its input, so the
+        # non-finite guard still stops the run
+        index = torch.nan_to_num(index, nan=float(act_max))
+    return table.to(a.dtype)[index.long()]
 
 
 def lagc_gain(t: Tensor, m_g: Tensor, k_g: Tensor, b_g: Tensor, hw: HardwareConfig) -> Tensor:
