@@ -33,9 +33,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import photo_batch  # noqa: E402
+from train_step import BENCH_LAMBDA, photo_batch  # noqa: E402
 
-from streamlic.model import STAGES  # noqa: E402
+from streamlic.metrics import rate_distortion  # noqa: E402
+from streamlic.stage import STAGES  # noqa: E402
 
 aten = torch.ops.aten
 # ops that only describe or allocate memory: no kernel runs for them
@@ -83,10 +84,7 @@ class OpCounter(TorchDispatchMode):
 
 def training_step(model, x: torch.Tensor, optimizer: torch.optim.Optimizer, counter: OpCounter | None = None) -> None:
     """The step of ``bench/train_step.py``: forward, RD loss, backward, Adam (whose syncs ``counter`` skips)."""
-    out = model(x)
-    pixels = x.shape[0] * x.shape[2] * x.shape[3]
-    bpp = sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values()) / pixels
-    loss = bpp + 0.01 * 255**2 * torch.mean((out["x_hat"] - x) ** 2)
+    loss = rate_distortion(model(x), x, BENCH_LAMBDA)["loss"]
     optimizer.zero_grad()
     loss.backward()
     if counter is not None:

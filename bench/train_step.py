@@ -28,9 +28,11 @@ from pathlib import Path
 
 import torch
 
+from streamlic.metrics import rate_distortion
 from streamlic.stage import STAGES
 
 SETTINGS = ((8, 256), (4, 128))
+BENCH_LAMBDA = 0.01  # the rate-distortion trade-off of every benchmark step (MSE, CompressAI's convention)
 
 
 def photo_batch(batch: int, size: int, device: str) -> torch.Tensor:
@@ -59,7 +61,6 @@ def time_stages(model, x: torch.Tensor, steps: int, warmup: int = 2, enter_stage
     model.train()
     params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
     optimizer = torch.optim.Adam(params, lr=1e-5)
-    pixels = x.shape[0] * x.shape[2] * x.shape[3]
     result = {}
     for stage in STAGES:
         if enter_stage is None:
@@ -72,9 +73,7 @@ def time_stages(model, x: torch.Tensor, steps: int, warmup: int = 2, enter_stage
                 _sync(device)
                 warmup_s = time.perf_counter() - start
                 start = time.perf_counter()
-            out = model(x)
-            bpp = sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values()) / pixels
-            loss = bpp + 0.01 * 255**2 * torch.mean((out["x_hat"] - x) ** 2)
+            loss = rate_distortion(model(x), x, BENCH_LAMBDA)["loss"]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
