@@ -331,9 +331,12 @@ def _discard_unstarted_run(output_dir: Path, resumed: bool) -> None:
     left empty; a resumed run keeps everything of its earlier invocations.
     """
     hydra_cfg = HydraConfig.get()
+    job_log = output_dir / f"{hydra_cfg.job.name}.log"
+    if not resumed and {path.name for path in output_dir.iterdir()} - {hydra_cfg.output_subdir, job_log.name}:
+        return  # a directory that held a run before this invocation: nothing here is ours alone
     shutil.rmtree(output_dir / hydra_cfg.output_subdir, ignore_errors=True)
     if not resumed:
-        (output_dir / f"{hydra_cfg.job.name}.log").unlink(missing_ok=True)
+        job_log.unlink(missing_ok=True)
     cwd = Path.cwd().resolve()
     folder = output_dir.resolve()
     while folder == output_dir.resolve() or cwd in folder.parents:  # Hydra's outputs/<date>/<time> below the cwd

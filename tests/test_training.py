@@ -420,3 +420,14 @@ def test_non_finite_guard_raises_before_the_step():
     Trainer.optimizers = [optimizer]
     with pytest.raises(NonFiniteLossError, match=r"weight.*global step 7.*no checkpoint"):
         NonFiniteGuard().on_before_optimizer_step(Trainer(), module, optimizer)
+
+
+def test_a_failed_invocation_into_an_existing_run_directory_keeps_its_files(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{}")
+    (run / "train.log").write_text("an earlier run's log\n")
+    done = run_script(["data=folder", "data.train_dir=/nonexistent", f"hydra.run.dir={run}"], timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("ERROR ")
+    assert (run / "results.json").read_text() == "{}"
+    assert (run / "train.log").read_text().startswith("an earlier run's log")
