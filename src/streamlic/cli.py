@@ -7,6 +7,7 @@ so ``streamlic --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -63,9 +64,46 @@ def _run_decompress(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .codec import run_eval
+    from .codec.evaluate import RESULT_METRICS, bd_rate_against, evaluate_folder, finite_mean, load_results, plot_rd
+    from .codec.io import check_output, write_atomically
 
-    return run_eval(args)
+    for path in (args.output, args.plot):
+        if path is not None:
+            check_output(path, args.force)
+    compared = [load_results(path) for path in args.compare]  # fail on a bad file before the long run
+    results = evaluate_folder(args.checkpoint, args.folder, name=args.name)
+    for point in results["per_image"]:
+        print(f"\n{point['checkpoint']} (setup {point['setup_time']:.2f} s, not in the timings)")
+        print(f"{'image':32s} {'size':>11s} {'bpp':>8s} {'est.bpp':>8s} {'PSNR':>7s} {'MS-SSIM':>8s} "
+              f"{'enc s':>7s} {'dec s':>7s}")
+        mean = {metric: finite_mean([record[metric] for record in point["images"]]) for metric in RESULT_METRICS}
+        for record in point["images"] + [{**mean, "name": "mean"}]:
+            size = f"{record['width']}x{record['height']}" if "width" in record else ""
+            print(f"{record['name'][:32]:32s} {size:>11s} {record['bpp']:8.4f} "
+                  f"{record['bpp-estimated']:8.4f} {_format(record['psnr-rgb'], 7, 2)} "
+                  f"{_format(record['ms-ssim-rgb'], 8, 4)} {record['encoding_time']:7.2f} "
+                  f"{record['decoding_time']:7.2f}")
+    if compared:
+        # the BD-rates travel in the results JSON; CompressAI's readers ignore the extra key
+        results["bd_rate"] = [bd_rate_against(results, anchor) for anchor in compared]
+        print()
+        for entry in results["bd_rate"]:
+            rate, psnr = (f"not available ({entry[f'{key}_error']})" if entry[key] is None else
+                          format(entry[key], fmt) + unit
+                          for key, fmt, unit in (("bd_rate", "+.2f", " %"), ("bd_psnr", "+.3f", " dB")))
+            print(f"BD-rate of {results['name']} against {entry['anchor']}: {rate}; BD-PSNR: {psnr}")
+    if args.output is not None:
+        text = json.dumps(results, indent=2)
+        write_atomically(args.output, lambda f: f.write(text.encode()), args.force)
+        print(f"wrote {args.output}")
+    if args.plot is not None:
+        plot_rd([results, *compared], args.plot, args.force)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _format(value: float | None, width: int, decimals: int) -> str:
+    return f"{'-':>{width}s}" if value is None else f"{value:{width}.{decimals}f}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,14 +4,14 @@
   and decodes them with row-parallel exact integer decoding;
 - :mod:`.tables`: the rANS coding tables from the model's 16-bit CDFs;
 - :mod:`.io`: loading a codec from a checkpoint or an export, the Python API, image and file I/O;
-- :mod:`.evaluate`: ``streamlic eval`` (CompressAI results files, BD-rate, RD plots).
+- :mod:`.evaluate`: rate-distortion of checkpoints on a folder (CompressAI results files, BD-rate, RD plots).
 """
 
 from .bitstream import HEADER_SIZE, CodecError, EncodedImage, StreamCodec, model_id
-from .evaluate import evaluate_folder, run_eval
+from .evaluate import evaluate_folder
 from .io import (compress_batch, compress_image, decode_file, decompress_batch, decompress_bytes, encode_file,
                  load_codec, to_uint8)
 
 __all__ = ["CodecError", "EncodedImage", "HEADER_SIZE", "StreamCodec", "compress_batch", "compress_image",
            "decode_file", "decompress_batch", "decompress_bytes", "encode_file", "evaluate_folder", "load_codec",
-           "model_id", "run_eval", "to_uint8"]
+           "model_id", "to_uint8"]

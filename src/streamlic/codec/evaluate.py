@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -17,7 +16,7 @@ from ..images import scan_folder
 from ..metrics import ms_ssim
 from ..rd import bd_deltas
 from .bitstream import CodecError, StreamCodec
-from .io import CodecSource, check_output, load_codec, load_image_file, to_uint8, write_atomically
+from .io import CodecSource, load_codec, load_image_file, to_uint8, write_atomically
 
 def psnr_8bit(reference: Tensor, decoded: Tensor) -> float:
     """PSNR in dB of two images [3, H, W] after rounding both to 8 bits (as written to disk)."""
@@ -32,7 +31,7 @@ def ms_ssim_8bit(reference: Tensor, decoded: Tensor) -> float:
     return float(ms_ssim(b, a)[0])
 
 
-def _finite_mean(values: Sequence[float | None]) -> float | None:
+def finite_mean(values: Sequence[float | None]) -> float | None:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else None
 
@@ -107,7 +106,7 @@ def evaluate_folder(checkpoints: Sequence[CodecSource], folder: str | os.PathLik
         setup_seconds = time.perf_counter() - start
         records = evaluate_images(codec, images, progress, description=f"eval {Path(str(label)).name}")
         for metric in RESULT_METRICS:
-            results[metric].append(_finite_mean([record[metric] for record in records]))
+            results[metric].append(finite_mean([record[metric] for record in records]))
         per_image.append({"checkpoint": str(label), "setup_time": setup_seconds, "images": records})
     return {
         "name": name,
@@ -179,46 +178,3 @@ def plot_rd(curves: Sequence[dict[str, Any]], path: str | os.PathLike, force: bo
     output = Path(path)
     write_atomically(output, lambda f: figure.savefig(f, format="png", dpi=120), force)
     plt.close(figure)
-
-def run_eval(args: argparse.Namespace) -> int:
-    for path in (args.output, args.plot):
-        if path is not None:
-            check_output(path, args.force)
-    compared = [load_results(path) for path in args.compare]  # fail on a bad file before the long run
-    results = evaluate_folder(args.checkpoint, args.folder, name=args.name)
-    for point in results["per_image"]:
-        print(f"\n{point['checkpoint']} (setup {point['setup_time']:.2f} s, not in the timings)")
-        print(f"{'image':32s} {'size':>11s} {'bpp':>8s} {'est.bpp':>8s} {'PSNR':>7s} {'MS-SSIM':>8s} "
-              f"{'enc s':>7s} {'dec s':>7s}")
-        for record in point["images"] + [_mean_record(point["images"])]:
-            size = f"{record['width']}x{record['height']}" if "width" in record else ""
-            print(f"{record['name'][:32]:32s} {size:>11s} {record['bpp']:8.4f} "
-                  f"{record['bpp-estimated']:8.4f} {_format(record['psnr-rgb'], 7, 2)} "
-                  f"{_format(record['ms-ssim-rgb'], 8, 4)} {record['encoding_time']:7.2f} "
-                  f"{record['decoding_time']:7.2f}")
-    if compared:
-        # the BD-rates travel in the results JSON; CompressAI's readers ignore the extra key
-        results["bd_rate"] = [bd_rate_against(results, anchor) for anchor in compared]
-        print()
-        for entry in results["bd_rate"]:
-            rate, psnr = (f"not available ({entry[f'{key}_error']})" if entry[key] is None else
-                          format(entry[key], fmt) + unit
-                          for key, fmt, unit in (("bd_rate", "+.2f", " %"), ("bd_psnr", "+.3f", " dB")))
-            print(f"BD-rate of {results['name']} against {entry['anchor']}: {rate}; BD-PSNR: {psnr}")
-    if args.output is not None:
-        text = json.dumps(results, indent=2)
-        write_atomically(args.output, lambda f: f.write(text.encode()), args.force)
-        print(f"wrote {args.output}")
-    if args.plot is not None:
-        plot_rd([results, *compared], args.plot, args.force)
-        print(f"wrote {args.plot}")
-    return 0
-
-
-def _mean_record(records: list[dict[str, Any]]) -> dict[str, Any]:
-    mean = {metric: _finite_mean([record[metric] for record in records]) for metric in RESULT_METRICS}
-    return {**mean, "name": "mean"}
-
-
-def _format(value: float | None, width: int, decimals: int) -> str:
-    return f"{'-':>{width}s}" if value is None else f"{value:{width}.{decimals}f}"
