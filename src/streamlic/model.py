@@ -83,7 +83,7 @@ class StreamLIC(StageState, CompressionModel):
         """Warn (once, at construction) where the block grid turns a requested density into another one."""
         for name, layer in self.sparse_layers().items():
             requested = self.sparsity_cfg.requested_density(name)
-            achieved = layer.blocks_per_group / (layer.kernel_size[0] * layer.kernel_size[1] * layer.in_groups)
+            achieved = layer.blocks_per_group / layer.blocks_total
             if requested is not None and abs(achieved - requested) > 1e-9:
                 key = f"sparsity.layers.{name}" if name in self.sparsity_cfg.layers else "sparsity.density"
                 log.warning("%s=%g: %s keeps %d of %d input groups per tap and output group, density %.4g "
@@ -123,9 +123,8 @@ class StreamLIC(StageState, CompressionModel):
     def _cut_masks(self) -> None:
         for name, layer in self.sparse_layers().items():
             layer.set_mask()
-            total = layer.kernel_size[0] * layer.kernel_size[1] * layer.in_groups
             log.info("%s: block mask cut, %d of %d blocks per output group kept (density %.4g)", name,
-                     layer.blocks_per_group, total, layer.blocks_per_group / total)
+                     layer.blocks_per_group, layer.blocks_total, layer.blocks_per_group / layer.blocks_total)
 
     def _init_tables(self) -> None:
         sigmas = fxp.sigma_levels(torch.float32).to(self.rectified_cdf_y.logits.device)

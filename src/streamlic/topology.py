@@ -24,7 +24,6 @@ PAD_MULTIPLE = 64  # image pixels per hyper-latent pixel: images are padded to t
 HYPER_ANALYSIS_PAD = (1, 1, 2, 0)  # causal: left, right, top, bottom (what the streaming hardware computes)
 CONTEXT_ROWS = 3  # a latent row is predicted from the three rows above it
 CONTEXT_PAD = (1, 1, CONTEXT_ROWS, 0)  # left, right, top, bottom of the context model's input
-SPARSE_LAYERS = ("ctx1", "ctx2", "ep")
 
 # kinds of layers
 CONV, LAGC, UPSAMPLE, LEAKY, PAD, SLOT, CHANNEL_ADD, SPARSE = (
@@ -53,10 +52,6 @@ class LayerSpec:
     sparse: str | None = None  # ctx1, ctx2 or ep
     role: str | None = None
     pad: tuple[int, int, int, int] | None = None  # a padding layer's (left, right, top, bottom)
-
-    @property
-    def subnetwork(self) -> str:
-        return self.path.split(".")[0]
 
     @property
     def weighted(self) -> bool:

@@ -44,7 +44,6 @@ covers greyscale, alpha, palette and 16-bit images) and decoded images are writt
 from __future__ import annotations
 
 import logging
-import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from compressai.ans import RansDecoder
 from torch import Tensor
 
 from ..integer_model import IntegerModel
-from ..topology import LATENT_STRIDE, PAD_MULTIPLE, pad_to_multiple
+from ..topology import LATENT_STRIDE, PAD_MULTIPLE, pad_to_multiple, padded_size
 from .tables import RansTables, channel_tables, rows_first, single_thread
 
 log = logging.getLogger(__name__)
@@ -282,8 +281,8 @@ class StreamCodec:
 
 
 def _latent_shape(height: int, width: int) -> tuple[int, int]:
-    return (math.ceil(height / PAD_MULTIPLE) * (PAD_MULTIPLE // LATENT_STRIDE),
-            math.ceil(width / PAD_MULTIPLE) * (PAD_MULTIPLE // LATENT_STRIDE))
+    padded_height, padded_width = padded_size(height, width)
+    return padded_height // LATENT_STRIDE, padded_width // LATENT_STRIDE
 
 
 def _check_image(image: Tensor) -> Tensor:

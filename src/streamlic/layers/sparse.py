@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import fixedpoint as fxp
+from .. import topology
 from ..config import HardwareConfig
 from .conv import QConv2d
 from .quant import MOMENTUM_END, STATS_MOMENTUM_GROWTH, STATS_MOMENTUM_START, per_channel
@@ -30,14 +31,15 @@ class FGPConv2d(QConv2d):
         self.pdf_index = pdf_index
         self.masked = False
         self.mask_set = False
-        taps = self.kernel_size[0] * self.kernel_size[1]
-        self.blocks_per_group = min(taps * group_num, taps * self.in_groups)
+        # (input group, tap) blocks each output group could use, and those it keeps
+        self.blocks_total = self.kernel_size[0] * self.kernel_size[1] * self.in_groups
+        self.blocks_per_group = min(self.kernel_size[0] * self.kernel_size[1] * group_num, self.blocks_total)
         self.register_buffer("mask", torch.ones(out_channels, in_channels, *self.kernel_size))
         self.register_buffer("in_mean", torch.zeros(in_channels))
         self.register_buffer("in_sqmean", torch.ones(in_channels))
         self.register_buffer("stats_momentum", torch.tensor(STATS_MOMENTUM_START))
         # in pdf-index mode the odd output channels carry the scale index
-        self.register_buffer("odd_channels", torch.arange(out_channels) % 2 == 1, persistent=False)
+        self.register_buffer("odd_channels", topology.odd_channels(out_channels), persistent=False)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_num={self.group_num}, pdf_index={self.pdf_index}"
