@@ -32,11 +32,9 @@ def _hwc_rows(t: Tensor) -> Tensor:
     return t[0].permute(1, 2, 0).reshape(-1, t.shape[1])
 
 
-
 # golden file -> the integer model's tensor (a layer role of the network table, or a coded quantity)
 GOLDEN_TENSORS = {"x.txt": "x", "y.txt": "latent", "z_hat.txt": "z_hat", "hyper.txt": "hyper_output",
                   "symbols.txt": "symbols", "pdf_index.txt": "pdf_index", "y_hat.txt": "y_hat"}
-
 
 CORNER_DIR = "corner"
 CORNER_SEEDS = 16
@@ -129,15 +127,16 @@ CORNER_CYCLE = (("signs", 1), ("high", 1), ("low", 1), ("uniform", 1), ("alterna
 AIM_CANDIDATES = 8  # the seed picks the aimed channel among this many most promising ones
 
 
-def corner_case_inputs(integer_model: IntegerModel, height: int, width: int,
-                       seed: int) -> tuple[Tensor, Tensor]:
+def corner_case_inputs(integer_model: IntegerModel, height: int, width: int, seed: int,
+                       worst: dict[str, tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
     """A latent ``y`` and hyper output [1, C, height, width] that drive the row engine into its clamps.
 
-    The rows follow :data:`CORNER_CYCLE`; ``seed`` draws the random values and aimed channels.
+    The rows follow :data:`CORNER_CYCLE`; ``seed`` draws the random values and aimed channels;
+    ``worst`` is :func:`worst_case_outputs` of the model if the caller already has it.
     """
     hw, m = integer_model.hw, integer_model.M
     y_max, act = fxp.latent_bound(hw), hw.act_max
-    worst = worst_case_outputs(integer_model)
+    worst = worst_case_outputs(integer_model) if worst is None else worst
     generator = torch.Generator().manual_seed(seed)
     y = torch.zeros(1, m, height, width, dtype=torch.int64)
     hyper = torch.zeros(1, 2 * m, height, width, dtype=torch.int64)
@@ -197,14 +196,15 @@ def _corner_case_vectors(integer_model: IntegerModel, height: int, width: int, d
     act = integer_model.hw.act_max
     bounds = {"pdf_index": (0, fxp.SCALE_LEVELS - 1)}
     unreachable = []
-    for name, (lowest, highest) in worst_case_outputs(integer_model).items():
+    worst = worst_case_outputs(integer_model)
+    for name, (lowest, highest) in worst.items():
         lo, hi = bounds.get(name, (-act, act))
         unreachable += [f"{name}.below"] * (int(lowest.min()) >= lo) + [f"{name}.above"] * (int(highest.max()) <= hi)
     wanted = [f"{name}.{side}" for name in CORNER_CLAMPS for side in ("below", "above")
               if f"{name}.{side}" not in unreachable]
     best = None
     for seed in range(CORNER_SEEDS):
-        y, hyper = corner_case_inputs(integer_model, height, width, seed)
+        y, hyper = corner_case_inputs(integer_model, height, width, seed, worst)
         saturation = SaturationCounts()
         coded = integer_model.encode_rows(y, hyper, saturation=saturation)
         counts = saturation.as_dict()
