@@ -179,6 +179,7 @@ class BlockSparseRowConv(IntegerConv):
         acc = torch.matmul(self.packed_weight, gathered)  # [B, out_groups, PO, w]
         return acc.reshape(batch, -1, 1, out_width).to(torch.int64)
 
+
 def block_mask(mask: Tensor, block_in: int, block_out: int) -> Tensor:
     """Element mask [C_out, C_in, kh, kw] -> active blocks, bool [out_groups, in_groups, kh, kw]."""
     return mask[::block_out, ::block_in].to(torch.bool)

@@ -54,6 +54,7 @@ class SaturationCounts:
     def as_dict(self) -> dict[str, dict[str, int]]:
         return {name: dict(entry) for name, entry in self.counts.items()}
 
+
 def _tensor_bytes(t: Tensor) -> bytes:
     t = t.detach().cpu().contiguous()
     if t.is_floating_point():

@@ -46,6 +46,7 @@ def require_integer_stage(model: StreamLIC, what: str) -> None:
             f"scales {'frozen' if model.scales_frozen else 'not frozen'}); integer parameters exist from stage 3 "
             "(QAT, toggle_quantization(True)) on — export a QAT-or-later checkpoint")
 
+
 def export_quantized_parameters(model: StreamLIC) -> dict[str, dict[str, Tensor]]:
     """Every quantized layer's integers by module name, as the hardware holds them.
 

@@ -18,6 +18,7 @@ from ..rd import bd_deltas
 from .bitstream import CodecError, StreamCodec
 from .io import CodecSource, load_codec, load_image_file, to_uint8, write_atomically
 
+
 def psnr_8bit(reference: Tensor, decoded: Tensor) -> float:
     """PSNR in dB of two images [3, H, W] after rounding both to 8 bits (as written to disk)."""
     mse = torch.mean((to_uint8(reference).double() - to_uint8(decoded).double()) ** 2)

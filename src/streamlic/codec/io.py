@@ -20,6 +20,7 @@ from .bitstream import CodecError, EncodedImage, StreamCodec
 
 CodecSource = Union[StreamCodec, IntegerModel, StreamLIC, str, os.PathLike]
 
+
 def load_codec(source: CodecSource) -> StreamCodec:
     """A codec from a :class:`StreamCodec`, an :class:`IntegerModel`, a :class:`StreamLIC` at
     stage 3 (QAT) or later, a checkpoint file, or an export directory."""
@@ -52,6 +53,7 @@ def load_image_file(path: Path) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- Python API
+
 
 def compress_batch(model: CodecSource, x: Tensor) -> dict[str, Any]:
     """compressai's ``compress`` for a model (see :meth:`StreamCodec.compress`)."""

@@ -38,6 +38,7 @@ EXPORT_VERSION = 1
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
+
 def _prepare_output_dir(directory: Path, force: bool) -> None:
     """Refuse a non-empty directory unless ``force``; then remove the files a previous export listed.
 
