@@ -168,9 +168,13 @@ def leaky_relu(q: Tensor) -> Tensor:
     return torch.maximum(q, rshift_round(q, LEAKY_SHIFT))
 
 
-def channel_add(a: Tensor, b: Tensor, hw: HardwareConfig) -> Tensor:
-    """Sum of two tensors at the same scale, clamped to the activation range."""
-    return clamp_symmetric(a + b, hw.act_max)
+def channel_add(a: Tensor, b: Tensor, hw: HardwareConfig, scale: float = 1.0) -> Tensor:
+    """Sum of two tensors at the same scale, clamped to the activation range.
+
+    ``scale``: the real value of one integer step, for tensors holding real values (a power of
+    two at the fixed latent scale, so the sum and the clamp stay exact).
+    """
+    return clamp_symmetric(a + b, hw.act_max * scale)
 
 
 # ---------------------------------------------------------------- LAGC
