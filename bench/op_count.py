@@ -1,6 +1,6 @@
 """Compute ops and host syncs dispatched by one training step, per stage.
 
-    python bench/op_count.py [--batch 2] [--size 128] [--research PATH] [--top 12]
+    python bench/op_count.py [--batch 2] [--size 128] [--research PATH] [--compile] [--top 12]
 
 On a GPU the training step is launch-bound, so its cost is the number of kernels it launches.
 That number is measured here on any machine: a ``TorchDispatchMode`` counts every ATen op
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import io
 import sys
@@ -33,9 +34,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import BENCH_LAMBDA, photo_batch  # noqa: E402
+from train_step import compiled_loss, eager_loss, photo_batch  # noqa: E402
 
-from streamlic.metrics import rate_distortion  # noqa: E402
 from streamlic.stage import STAGES  # noqa: E402
 
 aten = torch.ops.aten
@@ -82,9 +82,10 @@ class OpCounter(TorchDispatchMode):
                 setattr(torch.Tensor, name, original)
 
 
-def training_step(model, x: torch.Tensor, optimizer: torch.optim.Optimizer, counter: OpCounter | None = None) -> None:
+def training_step(model, x: torch.Tensor, optimizer: torch.optim.Optimizer, counter: OpCounter | None = None,
+                  loss_of=eager_loss) -> None:
     """The step of ``bench/train_step.py``: forward, RD loss, backward, Adam (whose syncs ``counter`` skips)."""
-    loss = rate_distortion(model(x), x, BENCH_LAMBDA)["loss"]
+    loss = loss_of(model, x)
     optimizer.zero_grad()
     loss.backward()
     if counter is not None:
@@ -101,16 +102,24 @@ def count_step(model, x: torch.Tensor, optimizer, step=training_step) -> OpCount
 
 def count_stages(model, x: torch.Tensor, enter_stage, warmup: int = 1, foreach: bool = True,
                  step=training_step) -> dict[str, OpCounter]:
-    """One counted step per stage after ``warmup`` steps; ``enter_stage(model, stage)`` switches stages."""
+    """One counted step per stage after ``warmup`` steps; ``enter_stage(model, stage)`` switches stages.
+
+    Each counter's ``compiled_kernels`` is the number of kernels inductor generated during the
+    stage's warm-up (a compiled step launches each once; they do not pass the dispatcher, so
+    they are not among the counted ops, which are then the graphs' library calls and Adam).
+    """
+    from torch._inductor import metrics
     model.train()
     params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
     optimizer = torch.optim.Adam(params, lr=1e-5, foreach=foreach)
     counts = {}
     for stage in STAGES:
         enter_stage(model, stage)
+        kernels = metrics.generated_kernel_count
         for _ in range(warmup):
             step(model, x, optimizer)
         counts[stage] = count_step(model, x, optimizer, step)
+        counts[stage].compiled_kernels = metrics.generated_kernel_count - kernels
     return counts
 
 
@@ -177,6 +186,10 @@ def measure(args) -> dict[str, dict[str, OpCounter]]:
         results["research"] = count_stages(research, x, enter_research_stage, foreach=args.foreach, step=quiet_step)
     torch.manual_seed(0)
     results["StreamLIC"] = count_stages(StreamLIC(), x, enter_our_stage, foreach=args.foreach)
+    if args.compile:
+        torch.manual_seed(0)
+        step = functools.partial(training_step, loss_of=compiled_loss())
+        results["StreamLIC compiled"] = count_stages(StreamLIC(), x, enter_our_stage, foreach=args.foreach, step=step)
     return results
 
 
@@ -188,6 +201,15 @@ def print_report(results: dict[str, dict[str, OpCounter]], args) -> None:
     for name, counts in results.items():
         cells = " | ".join(f"{sum(counts[s].ops.values())} ops, {counts[s].host_syncs} syncs" for s in STAGES)
         print(f"| {name} | {cells} |")
+    if "StreamLIC compiled" in results:
+        counts = results["StreamLIC compiled"]
+        cells = " | ".join(f"{counts[s].compiled_kernels + sum(counts[s].ops.values())}" for s in STAGES)
+        print(f"| StreamLIC compiled, kernels per step (inductor's + counted ops) | {cells} |")
+        if "research" in results:
+            theirs = results["research"]
+            ratios = " | ".join(f"{(counts[s].compiled_kernels + sum(counts[s].ops.values())) / sum(theirs[s].ops.values()):.2f}x"
+                                for s in STAGES)
+            print(f"| StreamLIC compiled / research | {ratios} |")
     if "research" in results:
         ours, theirs = results["StreamLIC"], results["research"]
         ratios = " | ".join(f"{sum(ours[s].ops.values()) / sum(theirs[s].ops.values()):.2f}x" for s in STAGES)
@@ -205,6 +227,8 @@ def main() -> None:
     parser.add_argument("--research", help="folder with the research code's StreamLIC_Q.py and qat_utils.py")
     parser.add_argument("--foreach", action=argparse.BooleanOptionalAction, default=True,
                         help="Adam's foreach implementation (the GPU default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also count the compiled training path (module.compile=true): minutes of compiling")
     parser.add_argument("--top", type=int, default=10, help="most frequent ops listed per stage")
     args = parser.parse_args()
     print_report(measure(args), args)

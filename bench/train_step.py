@@ -8,9 +8,10 @@ forward + rate-distortion loss + backward + Adam step, on crops of a real demo p
 The functions take any model with StreamLIC's stage API (``enter_stage``), so another
 implementation can be timed side by side with :func:`time_stages`.
 
-``--compile`` wraps StreamLIC's forward with ``torch.compile`` (on CUDA with
-``mode="reduce-overhead"``: CUDA graphs where the shapes are static); the first steps of each
-stage, which compile, are timed apart and printed as compile time. ``--research PATH`` times
+``--compile`` runs StreamLIC's forward and loss (and so their backward) through the training
+module's ``torch.compile`` path (``module.compile=true``; on CUDA with ``mode="reduce-overhead"``:
+CUDA graphs); the first steps of each stage, which compile, are timed apart and printed as
+compile time. ``--research PATH`` times
 the research code (a folder with its ``StreamLIC_Q.py`` and ``qat_utils.py``, never committed)
 in eager mode in the same run, driven through the same stages.
 """
@@ -53,10 +54,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_stages(model, x: torch.Tensor, steps: int, warmup: int = 2, enter_stage=None) -> dict[str, dict[str, float]]:
+def eager_loss(model, x: torch.Tensor) -> torch.Tensor:
+    return rate_distortion(model(x), x, BENCH_LAMBDA)["loss"]
+
+
+def compiled_loss(mode: str | None = None):
+    """The loss of the training module's compiled path (``module.compile=true``)."""
+    from streamlic.lightning_module import CompiledForward, forward_and_loss
+
+    step = CompiledForward(forward_and_loss, mode)
+    return lambda model, x: step(model, x, x, BENCH_LAMBDA, "mse")[1]["loss"]
+
+
+def time_stages(model, x: torch.Tensor, steps: int, warmup: int = 2, enter_stage=None,
+                loss_of=eager_loss) -> dict[str, dict[str, float]]:
     """Per stage: ``ms`` per optimizer step and ``warmup_s``, the seconds of the first ``warmup`` steps
     (where a compiled model compiles). The model enters the stages in order through
-    ``enter_stage(model, stage)`` (default: its ``enter_stage`` method)."""
+    ``enter_stage(model, stage)`` (default: its ``enter_stage`` method); ``loss_of(model, x)``
+    is the step's forward and loss."""
     device = x.device.type
     model.train()
     params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
@@ -73,7 +88,7 @@ def time_stages(model, x: torch.Tensor, steps: int, warmup: int = 2, enter_stage
                 _sync(device)
                 warmup_s = time.perf_counter() - start
                 start = time.perf_counter()
-            loss = rate_distortion(model(x), x, BENCH_LAMBDA)["loss"]
+            loss = loss_of(model, x)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -119,9 +134,8 @@ def _run_setting(args: tuple) -> dict:
         mask_model.train()
         mask_model(x[:1, :, :64, :64])
     mask_ms = time_set_all_mask(mask_model)
-    if compile_model:
-        model.compile(mode="reduce-overhead" if device == "cuda" else None)
-    stages = time_stages(model, x, steps)
+    loss_of = compiled_loss("reduce-overhead" if device == "cuda" else None) if compile_model else eager_loss
+    stages = time_stages(model, x, steps, loss_of=loss_of)
     return {"name": "StreamLIC" + (" compiled" if compile_model else ""), "batch": batch, "size": size,
             "stages": stages, "set_all_mask_ms": mask_ms, "peak_mb": peak_memory_mb(device)}
 
@@ -147,7 +161,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--model-size", choices=("default", "tiny"), default="default")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--compile", action="store_true", help="torch.compile StreamLIC's forward")
+    parser.add_argument("--compile", action="store_true", help="StreamLIC's compiled training path")
     parser.add_argument("--research", help="folder with the research code's StreamLIC_Q.py and qat_utils.py")
     parser.add_argument("--settings", default=",".join(f"{b}x{s}" for b, s in SETTINGS),
                         help="comma-separated BATCHxSIZE settings")

@@ -20,14 +20,21 @@ CDF_PRECISION = 16
 PMF_FLOOR = 1e-9
 
 
+@torch.library.custom_op("streamlic::quantized_cdfs", mutates_args=())
 def quantized_cdfs(pmfs: Tensor, precision: int = CDF_PRECISION) -> Tensor:
-    """16-bit CDFs [tables, columns + 2] (int32) of probability rows [tables, columns].
+    """16-bit CDFs [tables, columns + 2] (int32, on the CPU) of probability rows [tables, columns].
 
     The rows are read to the host once (one sync, not one per row) and handed to compressai's
-    C++ quantizer: stage 5 rebuilds both tables every step.
+    C++ quantizer: stage 5 rebuilds both tables every step. An operator of its own, so that a
+    compiled training step calls it without a graph break.
     """
     rows = torch.nn.functional.pad(pmfs.detach().double(), (0, 1)).tolist()  # the overflow slot
     return torch.tensor([pmf_to_quantized_cdf(row, precision) for row in rows], dtype=torch.int32)
+
+
+@quantized_cdfs.register_fake
+def _quantized_cdfs_shape(pmfs: Tensor, precision: int = CDF_PRECISION) -> Tensor:
+    return torch.empty(pmfs.shape[0], pmfs.shape[1] + 2, dtype=torch.int32, device="cpu")
 
 
 def frequencies(cdfs: Tensor) -> Tensor:

@@ -79,10 +79,12 @@ def to_multiplier(factor: Tensor, hw: HardwareConfig, layer: str, check: bool = 
     else:
         f = representable_factor(torch.nan_to_num(f, nan=1.0), hw)
     # f = mantissa * 2**e with mantissa in [0.5, 1), exactly: f * 2**k < limit holds for k = B - e - 1
-    # (at most 2**(B-1)) and fails for k = B - e + 1, so the largest k is B - e unless that reaches limit
-    mantissa, exponent = torch.frexp(f)
+    # (at most 2**(B-1)) and fails for k = B - e + 1, so the largest k is B - e unless that reaches limit.
+    # e is read from f's exponent bits (f is a normal positive float64 here): torch.frexp's int32
+    # exponent does not compile with inductor on CPU.
+    exponent = ((f.view(torch.int64) >> 52) - 1022).to(f.dtype)
     bits = hw.multiplier_bits
-    k = (bits - exponent.to(f.dtype)) - (mantissa * 2.0**bits >= limit).to(f.dtype)  # exact in float64
+    k = (bits - exponent) - (torch.ldexp(f, bits - exponent) >= limit).to(f.dtype)  # exact in float64
     k = torch.clamp(k, 0, hw.shift_max)
     m = torch.round(torch.ldexp(f, k))
     return m, k

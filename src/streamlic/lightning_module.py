@@ -15,6 +15,7 @@ stage and after every resume.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Literal, Mapping
 
 import lightning as L
@@ -84,6 +85,54 @@ class RateDistortionMetrics(nn.Module):
             metric.reset()
 
 
+def forward_and_loss(model: StreamLIC, x: Tensor, target: Tensor, lmbda: float,
+                     distortion: str) -> tuple[dict[str, Any], dict[str, Tensor], Tensor]:
+    """The model's output on ``x``, its loss terms against ``target`` and the symbols it clamped.
+
+    ``x`` may be ``target`` padded (whole images in evaluation): the output is cropped back to
+    the target's size and the rate counts the target's pixels.
+    """
+    model.clamped_symbols.zero_()  # counts the symbols clamped in this batch only
+    out = model(x)
+    height, width = target.shape[-2:]
+    if x.shape[-2:] != target.shape[-2:]:
+        out["x_hat"] = out["x_hat"][..., :height, :width]
+    return out, rate_distortion(out, target, lmbda, distortion), model.clamped_symbols.clone()
+
+
+class CompiledForward:
+    """``torch.compile`` of :func:`forward_and_loss`, logging each compilation with its time.
+
+    The stage flags are Python attributes of the layers, so each stage compiles once for
+    training and once per image size for evaluation (train and eval differ too); up to
+    ``recompile_limit`` graphs are kept, then dynamo warns and runs the step eagerly. Inductor
+    draws random numbers with the eager generator (``fallback_random``), so a compiled step
+    adds the same noise as an eager one and both give the same integers.
+    """
+
+    def __init__(self, function, mode: str | None = None, recompile_limit: int = 64):
+        import torch._dynamo
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
+        self._compiled = torch.compile(function, mode=mode)
+        self._counters = torch._dynamo.utils.counters
+        self._limits = torch._dynamo.config.patch(recompile_limit=recompile_limit)
+        self.compile_seconds = 0.0
+
+    def __call__(self, model: StreamLIC, x: Tensor, *args):
+        graphs = self._counters["stats"]["unique_graphs"]
+        start = time.perf_counter()
+        with self._limits:
+            result = self._compiled(model, x, *args)
+        if self._counters["stats"]["unique_graphs"] != graphs:
+            seconds = time.perf_counter() - start
+            self.compile_seconds += seconds
+            log.info("compiled the %s step of stage %s for input %s in %.1f s (first run included)",
+                     "training" if model.training else "evaluation", model.stage, tuple(x.shape), seconds)
+        return result
+
+
 class StreamLICModule(L.LightningModule):
     """Trains a :class:`StreamLIC` model on ``lmbda * distortion + bpp``.
 
@@ -101,6 +150,9 @@ class StreamLICModule(L.LightningModule):
         seed: re-seeds torch's generator at every training step from ``(seed, step, rank)``,
             so the training noise of a resumed run is the noise of an uninterrupted one
             whatever else drew random numbers in between (``None``: leave the generator alone).
+        compile: run the model's forward and the loss (and so their backward) through
+            ``torch.compile`` in training, validation and test (:class:`CompiledForward`).
+        compile_mode: ``torch.compile``'s mode, e.g. ``"reduce-overhead"`` (CUDA graphs) on a GPU.
     """
 
     def __init__(
@@ -113,6 +165,8 @@ class StreamLICModule(L.LightningModule):
         clip_grad_norm: float | None = 1.0,
         seed: int | None = None,
         quality: int | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
         if distortion not in ("mse", "ms-ssim"):
@@ -130,16 +184,15 @@ class StreamLICModule(L.LightningModule):
         self.aux_learning_rate = aux_learning_rate
         self.clip_grad_norm = clip_grad_norm
         self.seed = seed
+        self.compile = compile
+        self.compile_mode = compile_mode
         self.save_hyperparameters(ignore=["model"])
+        self.forward_and_loss = CompiledForward(forward_and_loss, compile_mode) if compile else forward_and_loss
         self.train_metrics = RateDistortionMetrics()
         self.val_metrics = RateDistortionMetrics()
         self.test_metrics = RateDistortionMetrics()
 
     # ------------------------------------------------------------------ loss
-    def rate_distortion(self, x: Tensor, out: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Loss terms of one batch (:func:`streamlic.metrics.rate_distortion`)."""
-        return rate_distortion(out, x, self.lmbda, self.distortion)
-
     @property
     def group_lasso_active(self) -> bool:
         # the term pushes weight into the kept blocks *before* the masks are cut
@@ -159,17 +212,11 @@ class StreamLICModule(L.LightningModule):
             group["lr"] = lr
 
     # ------------------------------------------------------------------ steps
-    def _forward(self, x: Tensor) -> tuple[dict[str, Any], Tensor]:
-        self.model.clamped_symbols.zero_()  # counts the symbols clamped in this batch only
-        out = self.model(x)
-        return out, self.model.clamped_symbols.clone()
-
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         if self.seed is not None:
             torch.manual_seed(mixed_seed(self.seed, self.global_step, self.global_rank))
         x = batch
-        out, clamped = self._forward(x)
-        terms = self.rate_distortion(x, out)
+        out, terms, clamped = self.forward_and_loss(self.model, x, x, self.lmbda, self.distortion)
         loss = terms["loss"]
         if self.group_lasso_active:
             terms["group_lasso"] = self.model.regularization_loss()
@@ -202,10 +249,7 @@ class StreamLICModule(L.LightningModule):
 
     def _evaluate_batch(self, x: Tensor, metrics: RateDistortionMetrics) -> None:
         """Whole images (padded to a multiple of 64, cropped back; the rate counts the image pixels)."""
-        height, width = x.shape[-2:]
-        out, clamped = self._forward(pad_to_multiple(x))
-        out["x_hat"] = out["x_hat"][..., :height, :width]
-        terms = self.rate_distortion(x, out)
+        out, terms, clamped = self.forward_and_loss(self.model, pad_to_multiple(x), x, self.lmbda, self.distortion)
         metrics(terms["loss"], terms["bpp"], out["x_hat"], x, clamped)
 
     def _evaluation_step(self, split: str, x: Tensor) -> None:

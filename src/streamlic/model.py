@@ -257,7 +257,13 @@ class StreamLIC(StageState, CompressionModel):
         return nn.functional.pad(y_hat[:, :, :-1], topology.CONTEXT_PAD)
 
     def entropy_params(self, params: Tensor, ctx: Tensor) -> Tensor:
-        return self.entropy_parameters(torch.cat((params, ctx), dim=1))
+        """ep on the concatenation ``(params, ctx)``, whose first layer adds the two halves: they are
+        handed to it apart, saving a concatenation and its split in every call."""
+        channel_addition, *layers = self.entropy_parameters
+        out = channel_addition(params, ctx)
+        for layer in layers:
+            out = layer(out)
+        return out
 
     def split_entropy_params(self, ep_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Means, scales and the integer scale index from the entropy-parameter output."""

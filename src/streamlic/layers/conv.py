@@ -170,10 +170,11 @@ class QUpsampleConv2d(QConv2d):
     """
 
     def __init__(self, in_channels: int, out_channels: int, hw: HardwareConfig, fixed_scale: float | None = None):
-        super().__init__(in_channels, 4 * out_channels, 2, 1, 0, hw=hw, fixed_scale=fixed_scale)
+        # the convolution's own zero padding: the sums of an explicitly padded input, with no pad op
+        super().__init__(in_channels, 4 * out_channels, 2, 1, 1, hw=hw, fixed_scale=fixed_scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.pixel_shuffle(super().forward(F.pad(x, (1, 1, 1, 1))), 2)[:, :, 1:-1, 1:-1]
+        return F.pixel_shuffle(super().forward(x), 2)[:, :, 1:-1, 1:-1]
 
 
 class QLeakyReLU(nn.Module):
@@ -224,6 +225,7 @@ class ChannelAddition(nn.Module):
     def freeze(self, in_scale):
         return in_scale
 
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = x.chunk(2, dim=1)
+    def forward(self, x: Tensor, second_half: Tensor | None = None) -> Tensor:
+        """The halves of ``x`` added, or ``x`` and ``second_half`` (the halves never concatenated)."""
+        a, b = x.chunk(2, dim=1) if second_half is None else (x, second_half)
         return fxp.channel_add(a, b, self.hw, self.scale)

@@ -106,7 +106,6 @@ class LAGC(QuantLayer):
         multiplier = self._gain_multiplier(check=False)
         return q_wa, b_a, b_g, gain_factor, multiplier
 
-    @torch.compiler.disable  # inductor's CPU code cannot vectorise to_multiplier's int32 exponent
     def _gain_multiplier(self, check: bool = True) -> tuple[Tensor, Tensor]:
         """``(m_g, k_g)`` of the gain factor ``2**r |gamma| s_t / s_g`` formed in float64, whatever the
         training precision.

@@ -157,8 +157,9 @@ def running_max_update(absmax: Tensor, momentum: Tensor, batch_max: Tensor) -> t
 
 
 class RangeTracker:
-    """Collects the batch maxima of many layers during a forward and updates their running maxima
-    in one vectorised step (a dozen ops for the whole network instead of a dozen per layer).
+    """Collects the outputs of many layers during a forward and updates their running maxima in
+    one vectorised step at its end: one ``max |out|`` reduction for all of them and a dozen ops
+    for the update, instead of a reduction and a dozen ops per layer.
 
     The running maxima are only read once QAT freezes them, so deferring the update to the end
     of the forward changes nothing; the numbers are those of the per-layer update.
@@ -172,10 +173,11 @@ class RangeTracker:
         if not self.pending:
             return
         layers = [layer for layer, _ in self.pending]
-        batch_max = torch.stack([value for _, value in self.pending])
+        batch_max = torch.stack(torch._foreach_norm([out for _, out in self.pending], float("inf")))
         self.pending.clear()
         absmax, momentum = running_max_update(torch.stack([layer.act_absmax for layer in layers]),
-                                              torch.stack([layer.act_momentum for layer in layers]), batch_max)
+                                              torch.stack([layer.act_momentum for layer in layers]),
+                                              batch_max.to(layers[0].act_absmax.dtype))
         torch._foreach_copy_([layer.act_absmax for layer in layers], list(absmax.unbind()))
         torch._foreach_copy_([layer.act_momentum for layer in layers], list(momentum.unbind()))
 
@@ -238,10 +240,10 @@ class QuantLayer(nn.Module):
         """
         if self.fixed_scale is not None or self.scales_frozen:
             return
-        batch_max = torch.linalg.vector_norm(out.detach(), float("inf")).to(self.act_absmax.dtype)  # max |out|
         if self.range_tracker is not None:
-            self.range_tracker.pending.append((self, batch_max))
+            self.range_tracker.pending.append((self, out.detach()))
             return
+        batch_max = torch.linalg.vector_norm(out.detach(), float("inf")).to(self.act_absmax.dtype)  # max |out|
         absmax, momentum = running_max_update(self.act_absmax, self.act_momentum, batch_max)
         self.act_absmax.copy_(absmax)
         self.act_momentum.copy_(momentum)
