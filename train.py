@@ -61,7 +61,8 @@ log = logging.getLogger("streamlic.train")
 # config is refused (README, "Resume").
 RESUMABLE_KEYS = ("ckpt_path", "paths", "logger", "hydra", "test", "export", "checkpoint", "trainer.max_epochs",
                   "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
-                  "trainer.enable_progress_bar", "callbacks.progress_bar", "data.num_workers", "data.pin_memory")
+                  "trainer.enable_progress_bar", "callbacks.progress_bar", "data.num_workers", "data.pin_memory",
+                  "module.compile", "module.compile_mode")
 RESUME_RECORD_DIR = ".hydra"  # a resume's Hydra record goes to .hydra/resume-<n>, next to the original
 
 

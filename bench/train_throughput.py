@@ -8,7 +8,10 @@ batches to the end of the last batch, so data loading, forward, backward and bot
 optimizer steps all count.
 
     python bench/train_throughput.py                                   # CPU, batch 4
-    python bench/train_throughput.py --accelerator gpu --batch-size 16 --steps 50 --workers 8
+    python bench/train_throughput.py --accelerator gpu --batch-size 16 --steps 50 --workers 8 [--compile]
+
+``--compile`` trains with ``module.compile=true`` (on a GPU with ``module.compile_mode=reduce-overhead``,
+CUDA graphs); the warm-up batches, where it compiles, are not timed.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ def main() -> None:
     parser.add_argument("--model", default="streamlic", help="model config (conf/model/*.yaml)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--compile", action="store_true", help="module.compile=true (warm-up batches compile)")
     args = parser.parse_args()
     logging.getLogger("lightning").setLevel(logging.ERROR)
 
@@ -104,6 +108,8 @@ def main() -> None:
     overrides = [f"model={args.model}", f"data.patch_size={args.patch_size}", f"data.batch_size={args.batch_size}",
                  f"data.repeat={-(-images_per_epoch // 5) + 1}", f"data.num_workers={args.workers}",
                  f"data.pin_memory={args.accelerator == 'gpu'}", "paths.output_dir=."]
+    if args.compile:
+        overrides += ["module.compile=true"] + (["module.compile_mode=reduce-overhead"] if args.accelerator == "gpu" else [])
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     train = load_train_script()
@@ -114,7 +120,8 @@ def main() -> None:
     rows = [bench_stage(train, cfg, stage, args.steps, args.warmup, args.accelerator) for stage in args.stages]
 
     print(f"\ntraining throughput: model={args.model}, {args.patch_size}x{args.patch_size} crops, batch "
-          f"{args.batch_size}, {args.steps} timed steps after {args.warmup}, {args.workers} loader workers, {device}")
+          f"{args.batch_size}, {args.steps} timed steps after {args.warmup}, {args.workers} loader workers, {device}"
+          + (", compiled" if args.compile else ""))
     print(f"{'stage':<12} {'images/s':>10} {'ms/step':>10}")
     for row in rows:
         print(f"{row['stage']:<12} {row['images_per_s']:>10.2f} {row['ms_per_step']:>10.1f}")

@@ -276,3 +276,54 @@ def test_the_stage_is_one_state_and_impossible_ones_are_refused():
         state["_extra_state"] = {**model.get_extra_state(), **broken}
         with pytest.raises(ValueError, match=rule):
             StreamLIC(model=TINY, hardware=W12A12).load_state_dict(state)
+
+
+@pytest.mark.parametrize("stage", ["qat", "fix_encoder"])
+def test_a_qat_step_forms_all_integers_together_exactly_as_each_layer_alone(stage, photos):
+    """The batched formation (streamlic.layers.batch) changes no integer and no gradient bit."""
+    from streamlic.layers.batch import form_integers
+
+    model = trained_through(W12A12, photos, stage, steps=1).train()
+    model._form_integers()
+    formed = dict(model.integer_parameters.current)
+    trainable = {layer.layer_name for layer in model._quant_layers if layer._weight_sources()[0].requires_grad}
+    assert set(formed) == trainable
+    assert (stage == "qat") == (len(trainable) == len(model._quant_layers))  # stage 4 freezes the encoder
+    kinds = {type(model.get_submodule(name)).__name__ for name in formed}  # plain convs are the encoder's
+    assert kinds == {"QConv2d", "QUpsampleConv2d", "FGPConv2d", "LAGC"} - ({"QConv2d"} if stage == "fix_encoder" else set())
+    hw = model.hw
+    for name, together in formed.items():
+        layer = model.get_submodule(name)
+        alone = form_integers(layer)
+        assert len(together) == len(alone)
+        for a, b in zip(together, alone):
+            assert torch.equal(a, b), name
+        if isinstance(layer, LAGC):  # the gain multiplier of the export's own (checked) path
+            m_g, k_g = layer._gain_multiplier()
+            assert torch.equal(together[4], torch.ldexp(m_g, -k_g).float()), name
+            continue
+        # docs/fixed-point.md from scratch: q_w = round(clamp(w, +-max|w_c|) / s_w), b_q = round(2**r b / s_out)
+        scale = (layer.weight_absmax.double() / hw.weight_max).view(-1, 1, 1, 1)
+        w = torch.maximum(torch.minimum(layer.weight.double(), layer.weight_absmax.double().view(-1, 1, 1, 1)),
+                          -layer.weight_absmax.double().view(-1, 1, 1, 1))
+        expected = torch.round(w / scale) * (layer.mask if getattr(layer, "masked", False) else 1)
+        assert torch.equal(together[0].double(), expected), name
+        if not getattr(layer, "pdf_index", False):
+            s_out = layer.act_absmax.double() / hw.act_max
+            b_q = torch.clamp(torch.round(2.0**hw.residual_bits * layer.bias.double() / s_out), -hw.bias_max, hw.bias_max)
+            assert torch.equal(together[1].view(-1).double(), b_q + 2.0 ** (hw.residual_bits - 1)), name
+
+    def step(batched: bool):
+        twin = copy.deepcopy(model)
+        for layer in twin._quant_layers:
+            layer.integer_parameters = twin.integer_parameters if batched else None
+        torch.manual_seed(3)
+        loss, out = rd_loss(twin, photos)
+        loss.backward()
+        return out, {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
+
+    (out_together, grads_together), (out_alone, grads_alone) = step(True), step(False)
+    assert torch.equal(out_together["x_hat"], out_alone["x_hat"])
+    assert grads_together.keys() == grads_alone.keys()
+    for name, grad in grads_together.items():
+        assert torch.equal(grad, grads_alone[name]), name

@@ -16,8 +16,8 @@ from . import fixedpoint as fxp
 from . import topology
 from .config import ModelConfig, hardware_config, model_config, sparsity_config
 from .entropy import RectifiedPDF, bottleneck_pmf_table, gaussian_pmf_table
-from .layers import (LAGC, ChannelAddition, FGPConv2d, QConv2d, QLeakyReLU, QuantLayer, QUpsampleConv2d,
-                     RangeTracker, straight_through)
+from .layers import (LAGC, ChannelAddition, FGPConv2d, IntegerParameters, QConv2d, QLeakyReLU, QuantLayer,
+                     QUpsampleConv2d, RangeTracker, straight_through)
 from .params import export_quantized_parameters
 from .stage import STATE_VERSION, StageState, stage_state_of_version_1
 
@@ -58,10 +58,14 @@ class StreamLIC(StageState, CompressionModel):
         self.register_buffer("clamped_symbols", torch.zeros((), dtype=torch.long), persistent=False)
         # activation ranges of all layers are updated together at the end of each training forward
         self.range_tracker = RangeTracker()
+        # the integer parameters of all trainable layers are formed together at the start of each QAT step
+        self.integer_parameters = IntegerParameters()
+        self._quant_layers = [module for module in self.modules() if isinstance(module, QuantLayer)]
         for name, module in self.named_modules():
             if isinstance(module, QuantLayer):
                 module.layer_name = name
                 module.range_tracker = self.range_tracker
+                module.integer_parameters = self.integer_parameters
 
         self._init_stage_state()
         self._apply_stage()
@@ -343,8 +347,17 @@ class StreamLIC(StageState, CompressionModel):
             likelihood = gc.likelihood_lower_bound(likelihood)
         return likelihood
 
+    def _form_integers(self) -> None:
+        """Form the integer parameters of every trainable layer for a QAT step (layers.batch)."""
+        self.integer_parameters.current = {}  # nothing left over from a forward that raised
+        if self.quantized and torch.is_grad_enabled():
+            trainable = [layer for layer in self._quant_layers if layer._weight_sources()[0].requires_grad]
+            if trainable:
+                self.integer_parameters.form(trainable)
+
     def forward(self, x: Tensor) -> dict[str, Any]:
         self.range_tracker.pending.clear()  # nothing left over from a forward that raised
+        self._form_integers()
         y = self.g_a(self.image_input(x))
         z = self.h_a(y)
         z_hat, z_likelihoods, z_symbols = self._hyper(z)
@@ -371,6 +384,7 @@ class StreamLIC(StageState, CompressionModel):
 
         x_hat = self.g_s(y_hat) + 0.5
         self.range_tracker.flush()
+        self.integer_parameters.current = {}
         return {
             "x_hat": x_hat,
             "likelihoods": {"y": y_likelihoods, "z": z_likelihoods},

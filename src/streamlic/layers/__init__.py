@@ -8,17 +8,21 @@ Each layer has two numerics, chosen by its ``quantized`` flag (set by the model'
   surrogate of the same computation. In float64 this path is bit-exact with the integer
   reference model; in float32 it is the training approximation.
 
+In a QAT step the model forms the integer parameters of all trainable layers together
+(:mod:`.batch`: the same elementwise rules on one concatenated tensor).
+
 ``integer_params()`` is the single source of every exported integer (weights, biases,
 multipliers, shifts): the quantized forward, the integer reference model and the exporter
 all read it.
 """
 
+from .batch import IntegerParameters
 from .conv import ChannelAddition, QConv2d, QLeakyReLU, QUpsampleConv2d
 from .lagc import LAGC
 from .quant import (QuantLayer, RangeTracker, requantize_ste, round_ste, running_max_update, straight_through,
                     weight_scale_of)
 from .sparse import FGPConv2d
 
-__all__ = ["ChannelAddition", "FGPConv2d", "LAGC", "QConv2d", "QLeakyReLU", "QUpsampleConv2d", "QuantLayer",
+__all__ = ["ChannelAddition", "FGPConv2d", "IntegerParameters", "LAGC", "QConv2d", "QLeakyReLU", "QUpsampleConv2d", "QuantLayer",
            "RangeTracker", "requantize_ste", "round_ste", "running_max_update", "straight_through",
            "weight_scale_of"]

@@ -177,9 +177,19 @@ def lagc_gains(rules: list[GainRule], hw: HardwareConfig, name: str,
     return list(zip(*(_split(t, shapes) for t in (sign, b_a, gain_factor, multiplier))))
 
 
-def form_integers(layer, caches: tuple[_Constants, _Constants, _Constants] | None = None):
+def form_integers(layer) -> tuple:
     """One layer's integer parameters through the batched functions (a batch of one)."""
-    return IntegerParameters.assemble_all([layer], caches)[0]
+    return IntegerParameters.assemble_all([layer])[0]
+
+
+def layer_integers(layer) -> tuple:
+    """The integer parameters a layer's quantized forward uses (its ``assemble``): formed together
+    with all trainable layers' by the model for this forward, else the layer's own (reused while
+    its sources are unchanged)."""
+    formed = None if layer.integer_parameters is None else layer.integer_parameters.formed(layer)
+    if formed is not None:
+        return formed
+    return layer._reuse("integers", lambda: form_integers(layer), *layer._weight_sources())
 
 
 class IntegerParameters:
@@ -194,6 +204,16 @@ class IntegerParameters:
     def __init__(self):
         self.caches = (_Constants(), _Constants(), _Constants())
         self.current: dict[str, tuple] = {}
+
+    def __deepcopy__(self, memo) -> IntegerParameters:
+        # what it holds is derived (and, during a forward, part of an autograd graph): a copy starts empty
+        return IntegerParameters()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
     @staticmethod
     def assemble_all(layers: list, caches=None) -> list[tuple]:

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from .. import fixedpoint as fxp
 from ..config import HardwareConfig
-from .quant import (QuantLayer, QuantizeBias, QuantizeWeight, per_channel, requantize_ste, round_ste,
-                    weight_scale_of)
+from .batch import BiasRule, Rules, WeightRule, form_integers, layer_integers
+from .quant import QuantLayer, QuantizeBias, per_channel, requantize_ste, round_ste, weight_scale_of
 
 
 class QConv2d(QuantLayer):
@@ -51,10 +51,23 @@ class QConv2d(QuantLayer):
 
     def _integer_weight_surrogate(self) -> Tensor:
         """``q_w = round(clamp(w, +-max|w_c|) / s_w)`` (formed in float64) with a straight-through gradient."""
+        return form_integers(self)[0]
+
+    def _weight_rule(self) -> WeightRule:
         frozen = self._frozen()
-        return QuantizeWeight.apply(self.weight, frozen["weight_scale64"], frozen["weight_bound64_neg"],
-                                     frozen["weight_bound64"], frozen["weight_scale"], frozen["weight_absmax"],
-                                     self._weight_mask())
+        return WeightRule(self.weight, frozen["weight_scale64"], frozen["weight_bound64_neg"], frozen["weight_bound64"],
+                          frozen["weight_scale"], frozen["weight_absmax"], self._weight_mask())
+
+    def integer_rules(self) -> Rules:
+        """The weight and bias rules of :mod:`.batch` (the batched formation of integer parameters)."""
+        bias = BiasRule(self.bias, 0.0, self._frozen()["bias_divisor64"], self._frozen()["bias_gradient"],
+                        2.0 ** (self.hw.residual_bits - 1))
+        return Rules([self._weight_rule()], [bias] if self._plain_bias else [], [])
+
+    def assemble(self, weights: list[Tensor], biases: list[Tensor], gains: list) -> tuple[Tensor, Tensor]:
+        """Integer weights and ``b_q + 2**(r-1)`` (per channel) from the batched results."""
+        bias_half = biases[0] if biases else self._bias_integers(2.0 ** (self.hw.residual_bits - 1))
+        return weights[0], per_channel(bias_half)
 
     def _weight_mask(self) -> Tensor | None:
         """The block mask applied to the weights (sparse layers), or None."""
@@ -87,6 +100,9 @@ class QConv2d(QuantLayer):
             "lo": lo, "hi": hi,
             "scale_map": self.output_scale_map(),
         }
+
+    # the bias quotient is 2**r b / s_out (the batched rule); subclasses that fold another rule in say so
+    _plain_bias = True
 
     def _bias_quotient(self, bias64: Tensor) -> Tensor:
         """The real bias integer before rounding, ``2**r * b / s_out``, in float64."""
@@ -151,15 +167,13 @@ class QConv2d(QuantLayer):
         """
         frozen = self._frozen()
         q_in = round_ste(x / frozen["in_scale"])
-        weight = self._reuse("weight", self._integer_weight_surrogate, *self._weight_sources())
-        bias_half = self._reuse("bias_half", lambda: self._bias_integers(2.0 ** (self.hw.residual_bits - 1)),
-                                self.bias, self.act_absmax)
+        weight, bias_half = layer_integers(self)
         acc = self._conv(q_in, weight)
-        return requantize_ste(acc, per_channel(bias_half), frozen["factor"], frozen["lo"], frozen["hi"], self.hw)
+        return requantize_ste(acc, bias_half, frozen["factor"], frozen["lo"], frozen["hi"], self.hw)
 
     def _weight_sources(self) -> tuple:
-        """What the integer weights are computed from."""
-        return self.weight, self.weight_absmax
+        """What the integer weights and biases are computed from."""
+        return self.weight, self.bias, self.weight_absmax, self.act_absmax
 
 
 class QUpsampleConv2d(QConv2d):

@@ -8,8 +8,8 @@ from torch import Tensor, nn
 
 from .. import fixedpoint as fxp
 from ..config import HardwareConfig
-from .quant import (QuantLayer, QuantizeBias, QuantizeWeight, per_channel, requantize_ste, requantize_with_factor,
-                    round_ste, weight_scale_of)
+from .batch import BiasRule, GainRule, Rules, WeightRule, form_integers, layer_integers
+from .quant import QuantLayer, per_channel, requantize_ste, requantize_with_factor, round_ste, weight_scale_of
 
 
 class LAGC(QuantLayer):
@@ -87,43 +87,40 @@ class LAGC(QuantLayer):
             "gain_factor_scale": 2.0**hw.residual_bits * self.tanh_out_scale / self.gain_scale,
         }
 
-    def _integer_pieces(self):
-        """Integer affine weights/bias (gamma's sign folded in), gain bias, the real gain factor (with
-        gradients) and the gain multiplier ``(m_g, k_g)`` formed in float64."""
-        hw = self.hw
+    def integer_rules(self) -> Rules:
+        """The affine weight, the gain bias and the gain of :mod:`.batch` (the batched formation)."""
         frozen = self._frozen()
         gamma, beta = self._gamma_beta()
-        sign = 1.0 - 2.0 * (gamma.detach() < 0)  # tanh is odd: gamma's sign goes into the affine conv
-        q_wa = QuantizeWeight.apply(self.affine.weight, frozen["affine_scale64"], frozen["affine_bound64_neg"],
-                                     frozen["affine_bound64"], frozen["affine_scale"], frozen["affine_absmax"],
-                                     None) * sign.view(-1, 1, 1, 1)
-        # tanh's input scale is a power of two, so 2**r b / s_t is exact at the training precision
-        b_a = round_ste(fxp.clamp_bias(self.affine.bias * (sign * 2.0 ** (hw.residual_bits + hw.tanh_in_shift)),
-                                       hw))
-        b_g = QuantizeBias.apply(beta, lambda b: (b + 1.0) / frozen["gain_bias_divisor64"],
-                                  frozen["gain_bias_gradient"], float(hw.bias_max), 0.0)
-        gain_factor = gamma.abs() * frozen["gain_factor_scale"]
-        multiplier = self._gain_multiplier(check=False)
-        return q_wa, b_a, b_g, gain_factor, multiplier
+        weight = WeightRule(self.affine.weight, frozen["affine_scale64"], frozen["affine_bound64_neg"],
+                            frozen["affine_bound64"], frozen["affine_scale"], frozen["affine_absmax"], None)
+        # b_g = round(2**r (beta + 1) / s_g): the quotient divided in one step
+        gain_bias = BiasRule(beta, 1.0, frozen["gain_bias_divisor64"], frozen["gain_bias_gradient"], 0.0)
+        gain = GainRule(gamma, self.affine.bias, frozen["gain_factor_scale"], frozen["gain_factor_divisor64"])
+        return Rules([weight], [gain_bias], [gain])
 
-    def _gain_multiplier(self, check: bool = True) -> tuple[Tensor, Tensor]:
-        """``(m_g, k_g)`` of the gain factor ``2**r |gamma| s_t / s_g`` formed in float64, whatever the
-        training precision.
+    def assemble(self, weights: list[Tensor], biases: list[Tensor], gains: list) -> tuple:
+        """Integer affine weights/bias (gamma's sign folded in), gain bias, the real gain factor (with
+        gradients) and the gain multiplier ``m_g * 2**-k_g``."""
+        sign, b_a, gain_factor, multiplier = gains[0]
+        return weights[0] * sign.view(-1, 1, 1, 1), b_a, biases[0], gain_factor, multiplier
 
-        gamma trains during QAT, so its factor is held representable (the same clamp in the
-        forward and the export); ``check`` only catches a non-finite gamma.
-        """
+    def _weight_sources(self) -> tuple:
+        return (self.affine.weight, self.affine.bias, self.gain.weight, self.gain.bias, self.affine_absmax,
+                self.gain_scale)
+
+    def _gain_multiplier(self) -> tuple[Tensor, Tensor]:
+        """``(m_g, k_g)`` of the gain factor ``2**r |gamma| s_t / s_g`` formed in float64, checked (the
+        export's): held representable as in the forward (:func:`.batch.lagc_gains`), an error only for a
+        non-finite gamma."""
         gamma, _ = self._gamma_beta()
         factor = gamma.detach().double().abs() / self._frozen()["gain_factor_divisor64"]
-        if not check:  # the hot path: no host sync; to_multiplier clamps the same way
-            return fxp.to_multiplier(factor, self.hw, f"{self.layer_name}.gain", check=False)
         factor = torch.where(torch.isfinite(factor), fxp.representable_factor(factor, self.hw), factor)
         return fxp.to_multiplier(factor, self.hw, f"{self.layer_name}.gain", check=True)
 
     def integer_params(self) -> dict[str, Tensor]:
         """The hardware's integers; the gain path ("score" in the research code's names) is ``score_*``."""
         with torch.no_grad():
-            q_wa, b_a, b_g, _, _ = self._integer_pieces()
+            q_wa, b_a, b_g, _, _ = form_integers(self)
             m_g, k_g = self._gain_multiplier()
             return {
                 "affine_weight": q_wa,
@@ -154,12 +151,11 @@ class LAGC(QuantLayer):
         half = 2.0 ** (hw.residual_bits - 1)
         frozen = self._frozen()
         q_in = round_ste(x / frozen["in_scale"])
-        sources = (self.affine.weight, self.affine.bias, self.gain.weight, self.gain.bias, self.affine_absmax)
-        q_wa, b_a, b_g, gain_factor, (m_g, k_g) = self._reuse("pieces", self._integer_pieces, *sources)
+        q_wa, b_a, b_g, gain_factor, gain_multiplier = layer_integers(self)
         acc = F.conv2d(q_in, q_wa)
         # affine conv to the tanh input scale
         a = requantize_ste(acc, per_channel(b_a + half), frozen["affine_factor"], -hw.act_max, hw.act_max, hw)
-        gain_multiplier = per_channel(torch.ldexp(m_g, -k_g).to(acc.dtype))
+        gain_multiplier = per_channel(gain_multiplier)
         gain_bias = per_channel(b_g)
         if torch.is_grad_enabled() and (a.requires_grad or gain_factor.requires_grad or b_g.requires_grad):
             out = _LAGCTail.apply(a, q_in, per_channel(gain_factor), gain_bias, gain_multiplier,

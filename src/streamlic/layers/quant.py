@@ -111,7 +111,8 @@ class QuantizeWeight(torch.autograd.Function):
 
 
 class QuantizeBias(torch.autograd.Function):
-    """``clamp(round(quotient(b)), +-bias_max) + offset`` with ``quotient`` evaluated in float64.
+    """``clamp(round(quotient(b)), +-bias_max) + offset`` with ``quotient`` evaluated in float64
+    (``offset``: a number or one per element).
 
     An integer of the datapath must not depend on the training precision (float32 and float64
     round a quotient near .5 differently). ``gradient`` is the derivative of the (linear)
@@ -122,7 +123,7 @@ class QuantizeBias(torch.autograd.Function):
     def forward(ctx, bias, quotient, gradient, bound, offset):
         v = quotient(bias.detach().double())
         q = torch.round(v).clamp_(-bound, bound)
-        if offset:
+        if isinstance(offset, Tensor) or offset:
             q += offset
         ctx.save_for_backward(gradient * (v.abs() <= bound))
         return q.to(bias.dtype)
@@ -199,6 +200,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("in_scale", torch.tensor(1.0))
         self.raised_range: tuple[float, float] | None = None
         self.range_tracker: RangeTracker | None = None
+        self.integer_parameters = None  # the model's batch.IntegerParameters, when it forms them together
         self._integer_cache: dict[str, tuple] = {}
 
     def _reuse(self, name: str, compute, *sources):

@@ -51,7 +51,11 @@ class FGPConv2d(QConv2d):
         return self.mask if self.masked else None
 
     def _weight_sources(self) -> tuple:
-        return self.weight, self.weight_absmax, self.mask, self.masked
+        return super()._weight_sources() + (self.mask, self.masked)
+
+    @property
+    def _plain_bias(self) -> bool:
+        return not self.pdf_index  # the scale-index fold changes the odd channels' bias rule
 
     # -- statistics and masks ---------------------------------------------------------------
     @torch.no_grad()
