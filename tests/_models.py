@@ -74,7 +74,9 @@ STAGE_TRAINING = {"aun": (12, 1e-3), "mask": (3, 1e-3), "qat": (3, 1e-4), "fix_e
 
 
 def _advance(model: StreamLIC, stage: str, seed: int) -> None:
-    """Enter ``stage`` from the stage before it and train a few steps there."""
+    """Enter ``stage`` from the stage before it and train a few steps there (the training noise seeded
+    too, so the model does not depend on what the process ran before)."""
+    torch.manual_seed(seed)
     model.enter_stage(stage)
     steps, lr = STAGE_TRAINING[stage]
     train_steps(model, steps, lr=lr, seed=seed)

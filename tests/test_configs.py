@@ -10,7 +10,7 @@ from _training import CONF_DIR, TINY, compose_config, load_train_module
 from callbacks import NonFiniteGuard, StageProgressBar, StageSchedule, parse_schedule
 from streamlic.config import ConfigError
 from streamlic.distributed import StageAwareDDPStrategy
-from streamlic.lightning_module import StreamLICModule
+from streamlic.lightning_module import CompiledForward, StreamLICModule, forward_and_loss
 from streamlic.model import StreamLIC
 
 GROUPS = {group: sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
@@ -55,6 +55,16 @@ def test_model_module_and_callbacks_instantiate(tmp_path, hardware, sparsity):
     callbacks = load_train_module().build_callbacks(cfg, "aun")
     kinds = {type(callback) for callback in callbacks}
     assert {StageSchedule, NonFiniteGuard, StageProgressBar} <= kinds
+
+
+def test_module_compile_key_selects_the_compiled_path(tmp_path):
+    """module.compile=true is the path tests/test_compile.py checks against eager; off by default."""
+    model = load_train_module().build_model(compose_config(tmp_path, ["model=tiny"]))
+    default = instantiate(compose_config(tmp_path, ["model=tiny"]).module, _partial_=True)(model=model)
+    assert default.forward_and_loss is forward_and_loss
+    cfg = compose_config(tmp_path, ["model=tiny", "module.compile=true", "module.compile_mode=reduce-overhead"])
+    module = instantiate(cfg.module, _partial_=True)(model=model)
+    assert isinstance(module.forward_and_loss, CompiledForward) and module.compile_mode == "reduce-overhead"
 
 
 @pytest.mark.parametrize("logger", GROUPS["logger"])

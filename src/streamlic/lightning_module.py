@@ -101,13 +101,16 @@ def forward_and_loss(model: StreamLIC, x: Tensor, target: Tensor, lmbda: float,
 
 
 class CompiledForward:
-    """``torch.compile`` of :func:`forward_and_loss`, logging each compilation with its time.
+    """:func:`forward_and_loss` through ``torch.compile``, logging each compilation with its time.
 
-    The stage flags are Python attributes of the layers, so each stage compiles once for
-    training and once per image size for evaluation (train and eval differ too); up to
-    ``recompile_limit`` graphs are kept, then dynamo warns and runs the step eagerly. Inductor
-    draws random numbers with the eager generator (``fallback_random``), so a compiled step
-    adds the same noise as an eager one and both give the same integers.
+    Training compiles the whole step (forward, loss and so their backward; in stages 4 and 5 the
+    row loop of a training crop unrolled into it): once per stage, as the stage flags are Python
+    attributes of the layers. Evaluation, on whole images of any size, compiles the row loop's
+    body instead (:meth:`StreamLIC.decode_row`, one graph for all rows of all images of a width)
+    and runs the rest eagerly, so a large image does not unroll a long loop into one graph.
+    Up to ``recompile_limit`` graphs are kept per function, then dynamo warns and runs eagerly.
+    Inductor draws random numbers with the eager generator (``fallback_random``), so a compiled
+    step adds the same noise as an eager one and both give the same integers.
     """
 
     def __init__(self, function, mode: str | None = None, recompile_limit: int = 64):
@@ -115,7 +118,9 @@ class CompiledForward:
         import torch._inductor.config
 
         torch._inductor.config.fallback_random = True
+        self._function = function
         self._compiled = torch.compile(function, mode=mode)
+        self._compiled_row = torch.compile(StreamLIC.decode_row, mode=mode)
         self._counters = torch._dynamo.utils.counters
         self._limits = torch._dynamo.config.patch(recompile_limit=recompile_limit)
         self.compile_seconds = 0.0
@@ -124,12 +129,16 @@ class CompiledForward:
         graphs = self._counters["stats"]["unique_graphs"]
         start = time.perf_counter()
         with self._limits:
-            result = self._compiled(model, x, *args)
+            if model.training:
+                result = self._compiled(model, x, *args)
+            else:
+                with model.rows_through(self._compiled_row):
+                    result = self._function(model, x, *args)
         if self._counters["stats"]["unique_graphs"] != graphs:
             seconds = time.perf_counter() - start
             self.compile_seconds += seconds
-            log.info("compiled the %s step of stage %s for input %s in %.1f s (first run included)",
-                     "training" if model.training else "evaluation", model.stage, tuple(x.shape), seconds)
+            log.info("compiled the %s of stage %s for input %s in %.1f s (first run included)",
+                     "training step" if model.training else "row loop", model.stage, tuple(x.shape), seconds)
         return result
 
 

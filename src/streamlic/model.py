@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from pathlib import Path
@@ -289,26 +290,44 @@ class StreamLIC(StageState, CompressionModel):
         """Causal hard quantization row by row, exactly as the decoder runs it.
 
         Returns ``y_hat``, the symbols and the entropy-parameter output of every row. A whole
-        latent row is predicted at once from the three rows above it.
+        latent row is predicted at once from the three rows above it (:meth:`decode_row`; a
+        compiled evaluation runs it through one compiled graph, see :meth:`rows_through`).
         """
-        hw, ls = self.hw, self.hw.latent_scale
+        ls = self.hw.latent_scale
         b, c, height, width = y.shape
         padded = y.new_zeros(b, c, height + 3, width + 2)
         y_q = y / ls
         residuals = torch.empty_like(y)  # symbols before their clamp; clamped and counted once after the loop
         ep_rows = []
+        row_step = getattr(self, "_row_step", None) or StreamLIC.decode_row
         for h in range(height):
-            ctx = self.context_prediction(padded[:, :, h:h + 3])
-            ep = self.entropy_params(params[:, :, h:h + 1], ctx)
-            mu_q = ep[:, 0::2] / ls
-            residual = fxp.symbol_residual(y_q[:, :, h:h + 1], mu_q, hw)
-            residuals[:, :, h:h + 1] = residual
-            row_symbols = fxp.clamp_symmetric(residual, fxp.SYMBOL_MAX)
-            padded[:, :, h + 3:h + 4, 1:-1] = fxp.dequantize_latent(row_symbols, mu_q, hw) * ls
+            y_hat_row, residuals[:, :, h:h + 1], ep = row_step(self, padded[:, :, h:h + 3], params[:, :, h:h + 1],
+                                                               y_q[:, :, h:h + 1])
+            padded[:, :, h + 3:h + 4, 1:-1] = y_hat_row
             ep_rows.append(ep)
         self.clamped_symbols += (residuals.abs() > fxp.SYMBOL_MAX).sum()
         symbols = fxp.clamp_symmetric(residuals, fxp.SYMBOL_MAX)
         return padded[:, :, 3:, 1:-1], symbols, torch.cat(ep_rows, dim=2)
+
+    def decode_row(self, window: Tensor, params_row: Tensor, y_q_row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One latent row from the three decoded rows above it (``window``, padded): ŷ of the row, its
+        symbols before their clamp and its entropy-parameter output."""
+        hw, ls = self.hw, self.hw.latent_scale
+        ep = self.entropy_params(params_row, self.context_prediction(window))
+        mu_q = ep[:, 0::2] / ls
+        residual = fxp.symbol_residual(y_q_row, mu_q, hw)
+        row_symbols = fxp.clamp_symmetric(residual, fxp.SYMBOL_MAX)
+        return fxp.dequantize_latent(row_symbols, mu_q, hw) * ls, residual, ep
+
+    @contextlib.contextmanager
+    def rows_through(self, row_step):
+        """Run :meth:`decode_row` as ``row_step(model, window, params_row, y_q_row)`` (e.g. its compiled
+        form: one graph for every row of every image of the same width) inside the block."""
+        self._row_step = row_step
+        try:
+            yield self
+        finally:
+            self._row_step = None
 
     def _hyper(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Hyper-latent for the synthesis, its likelihoods and its integer symbols."""
