@@ -26,6 +26,8 @@ def quiet_dependencies() -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
     warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck")
+    # Lightning's own use of a torch API that torch has deprecated
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # a mid-epoch checkpoint resumes exactly: the seeded training loader skips the batches already trained
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     os.environ.setdefault("WANDB_SILENT", "true")

@@ -8,11 +8,11 @@ forward + rate-distortion loss + backward + Adam step, on crops of a real demo p
 The functions take any model with StreamLIC's stage API (``enter_stage``), so another
 implementation can be timed side by side with :func:`time_stages`.
 
-``--compile`` runs StreamLIC's forward and loss (and so their backward) through the training
-module's ``torch.compile`` path (``module.compile=true``; on CUDA with ``mode="reduce-overhead"``:
-CUDA graphs); the first steps of each stage, which compile, are timed apart and printed as
-compile time. ``--research PATH`` times
-the research code (a folder with its ``StreamLIC_Q.py`` and ``qat_utils.py``, never committed)
+``--compile`` adds a row where StreamLIC runs its forward and loss (and so their backward)
+through the training module's ``torch.compile`` path (``module.compile=true``; on CUDA with
+``mode="reduce-overhead"``: CUDA graphs); the first steps of each stage, which compile, are
+timed apart and printed as compile time. ``--research PATH`` times the research code (a
+folder with its ``StreamLIC_Q.py`` and ``qat_utils.py``, never committed)
 in eager mode in the same run, driven through the same stages.
 """
 
@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--model-size", choices=("default", "tiny"), default="default")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--compile", action="store_true", help="StreamLIC's compiled training path")
+    parser.add_argument("--compile", action="store_true", help="also time StreamLIC's compiled training path")
     parser.add_argument("--research", help="folder with the research code's StreamLIC_Q.py and qat_utils.py")
     parser.add_argument("--settings", default=",".join(f"{b}x{s}" for b, s in SETTINGS),
                         help="comma-separated BATCHxSIZE settings")
@@ -170,7 +170,8 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     rows = []
     for batch, size in settings:
-        jobs = [(_run_setting, (batch, size, args.device, args.steps, args.model_size, args.threads, args.compile))]
+        jobs = [(_run_setting, (batch, size, args.device, args.steps, args.model_size, args.threads, compiled))
+                for compiled in ((False, True) if args.compile else (False,))]
         if args.research:
             jobs.append((_run_research, (batch, size, args.device, args.steps, args.threads, args.research)))
         for function, job in jobs:

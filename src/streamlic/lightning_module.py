@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import lightning as L
 import torch

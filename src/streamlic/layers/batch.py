@@ -126,16 +126,14 @@ def integer_biases(rules: list[BiasRule], hw: HardwareConfig, cache: _Constants 
     adds, offsets = {r.add for r in rules}, {r.offset for r in rules}
 
     def constants():
-        def filled(value, like):  # one value per element of each rule's bias
-            return _per_element([like.new_tensor(value, dtype=torch.float64) for _ in rules], counts)
+        def each(value_of) -> Tensor:  # one float64 value per rule, over its elements
+            return torch.cat([r.bias.new_full((n,), value_of(r), dtype=torch.float64) for r, n in zip(rules, counts)])
 
         return {
-            "add": None if adds == {0.0} else filled(0, rules[0].bias) + torch.cat(
-                [r.bias.new_full((n,), r.add, dtype=torch.float64) for r, n in zip(rules, counts)]),
+            "add": None if adds == {0.0} else each(lambda r: r.add),  # + 0.0 where a rule adds nothing: exact
             "divisor64": _per_element([r.divisor64 for r in rules], counts),
             "gradient": _per_element([r.gradient for r in rules], counts),
-            "offset": None if len(offsets) == 1 else torch.cat(
-                [r.bias.new_full((n,), r.offset, dtype=torch.float64) for r, n in zip(rules, counts)]),
+            "offset": None if len(offsets) == 1 else each(lambda r: r.offset),
         }
 
     key = tuple(t for r in rules for t in (r.divisor64, r.gradient)) + tuple((r.add, r.offset) for r in rules)

@@ -20,6 +20,10 @@ class QConv2d(QuantLayer):
     Integer datapath: ``acc = sum(q_in * q_w)``, ``q_out = clamp(rshift_round(((acc * m) >> k) + b_q, r))``.
     """
 
+    # the bias integer is round(2**r b / s_out), batchable (layers.batch); a subclass that folds
+    # another rule into some channels says False
+    _plain_bias = True
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  hw: HardwareConfig | None = None, fixed_scale: float | None = None, out_bound: int | None = None):
         super().__init__(hw, fixed_scale, out_bound)
@@ -60,8 +64,8 @@ class QConv2d(QuantLayer):
 
     def integer_rules(self) -> Rules:
         """The weight and bias rules of :mod:`.batch` (the batched formation of integer parameters)."""
-        bias = BiasRule(self.bias, 0.0, self._frozen()["bias_divisor64"], self._frozen()["bias_gradient"],
-                        2.0 ** (self.hw.residual_bits - 1))
+        frozen = self._frozen()
+        bias = BiasRule(self.bias, 0.0, frozen["bias_divisor64"], frozen["bias_gradient"], 2.0 ** (self.hw.residual_bits - 1))
         return Rules([self._weight_rule()], [bias] if self._plain_bias else [], [])
 
     def assemble(self, weights: list[Tensor], biases: list[Tensor], gains: list) -> tuple[Tensor, Tensor]:
@@ -100,9 +104,6 @@ class QConv2d(QuantLayer):
             "lo": lo, "hi": hi,
             "scale_map": self.output_scale_map(),
         }
-
-    # the bias quotient is 2**r b / s_out (the batched rule); subclasses that fold another rule in say so
-    _plain_bias = True
 
     def _bias_quotient(self, bias64: Tensor) -> Tensor:
         """The real bias integer before rounding, ``2**r * b / s_out``, in float64."""
