@@ -16,7 +16,7 @@ mkdir -p "$out"
 if [[ -n "$wheels" ]]; then
     python -m pip install --no-index --find-links "$wheels" --no-deps "$wheels"/*.whl >"$out/install.log" 2>&1
 fi
-python -m pip install --no-deps -e . >>"$out/install.log" 2>&1
+python -m pip install --no-deps --no-build-isolation -e . >>"$out/install.log" 2>&1
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
 with_research=()
 [[ -n "$research" ]] && with_research=(--research "$research")
