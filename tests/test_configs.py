@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import lightning as L
 import pytest
 from hydra.utils import instantiate
@@ -65,6 +67,9 @@ def test_module_compile_key_selects_the_compiled_path(tmp_path):
     cfg = compose_config(tmp_path, ["model=tiny", "module.compile=true", "module.compile_mode=reduce-overhead"])
     module = instantiate(cfg.module, _partial_=True)(model=model)
     assert isinstance(module.forward_and_loss, CompiledForward) and module.compile_mode == "reduce-overhead"
+    # DDP's spawn start method pickles the module: the compiled functions are rebuilt, not pickled
+    restored = pickle.loads(pickle.dumps(module))
+    assert isinstance(restored.forward_and_loss, CompiledForward) and restored.compile_step is True
 
 
 @pytest.mark.parametrize("logger", GROUPS["logger"])

@@ -327,3 +327,20 @@ def test_a_qat_step_forms_all_integers_together_exactly_as_each_layer_alone(stag
     assert grads_together.keys() == grads_alone.keys()
     for name, grad in grads_together.items():
         assert torch.equal(grad, grads_alone[name]), name
+
+
+def test_a_forward_that_raises_leaves_no_integers_or_ranges_behind(photos, monkeypatch):
+    """What a training forward gathers (integers inside an autograd graph, tracked outputs) ends with it."""
+    model = trained_through(W12A12, photos, "qat", steps=1).train()
+
+    def fail(x):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(model.g_s[2], "forward", fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        rd_loss(model, photos)
+    assert model.integer_parameters.current == {} and model.range_tracker.pending == []
+    monkeypatch.undo()
+    twin = copy.deepcopy(model)  # no non-leaf tensor left to copy
+    loss, _ = rd_loss(twin, photos)
+    assert torch.isfinite(loss)

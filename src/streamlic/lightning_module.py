@@ -118,12 +118,28 @@ class CompiledForward:
         import torch._inductor.config
 
         torch._inductor.config.fallback_random = True
+        self._arguments = (function, mode, recompile_limit)
         self._function = function
         self._compiled = torch.compile(function, mode=mode)
-        self._compiled_row = torch.compile(StreamLIC.decode_row, mode=mode)
+        compiled_row = torch.compile(StreamLIC.decode_row, mode=mode)
+
+        def row_step(model, *rows):
+            # ep's row is kept until the loop ends: a copy, as CUDA graphs reuse their outputs' memory
+            y_hat_row, residual, ep = compiled_row(model, *rows)
+            return y_hat_row, residual, ep.clone()
+
+        self._row_step = row_step
         self._counters = torch._dynamo.utils.counters
         self._limits = torch._dynamo.config.patch(recompile_limit=recompile_limit)
         self.compile_seconds = 0.0
+
+    def __getstate__(self) -> dict:
+        # compiled functions do not pickle (DDP's spawn start method pickles the module): rebuilt on load
+        return {"arguments": self._arguments, "compile_seconds": self.compile_seconds}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(*state["arguments"])
+        self.compile_seconds = state["compile_seconds"]
 
     def __call__(self, model: StreamLIC, x: Tensor, *args):
         graphs = self._counters["stats"]["unique_graphs"]
@@ -132,7 +148,7 @@ class CompiledForward:
             if model.training:
                 result = self._compiled(model, x, *args)
             else:
-                with model.rows_through(self._compiled_row):
+                with model.rows_through(self._row_step):
                     result = self._function(model, x, *args)
         if self._counters["stats"]["unique_graphs"] != graphs:
             seconds = time.perf_counter() - start
@@ -193,7 +209,7 @@ class StreamLICModule(L.LightningModule):
         self.aux_learning_rate = aux_learning_rate
         self.clip_grad_norm = clip_grad_norm
         self.seed = seed
-        self.compile = compile
+        self.compile_step = compile  # (not ``self.compile``: that is nn.Module.compile)
         self.compile_mode = compile_mode
         self.save_hyperparameters(ignore=["model"])
         self.forward_and_loss = CompiledForward(forward_and_loss, compile_mode) if compile else forward_and_loss

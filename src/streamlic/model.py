@@ -62,6 +62,7 @@ class StreamLIC(StageState, CompressionModel):
         # the integer parameters of all trainable layers are formed together at the start of each QAT step
         self.integer_parameters = IntegerParameters()
         self._quant_layers = [module for module in self.modules() if isinstance(module, QuantLayer)]
+        self._row_step = None  # decode_row's replacement inside rows_through (a compiled evaluation)
         for name, module in self.named_modules():
             if isinstance(module, QuantLayer):
                 module.layer_name = name
@@ -299,7 +300,7 @@ class StreamLIC(StageState, CompressionModel):
         y_q = y / ls
         residuals = torch.empty_like(y)  # symbols before their clamp; clamped and counted once after the loop
         ep_rows = []
-        row_step = getattr(self, "_row_step", None) or StreamLIC.decode_row
+        row_step = self._row_step or type(self).decode_row
         for h in range(height):
             y_hat_row, residuals[:, :, h:h + 1], ep = row_step(self, padded[:, :, h:h + 3], params[:, :, h:h + 1],
                                                                y_q[:, :, h:h + 1])
@@ -323,11 +324,11 @@ class StreamLIC(StageState, CompressionModel):
     def rows_through(self, row_step):
         """Run :meth:`decode_row` as ``row_step(model, window, params_row, y_q_row)`` (e.g. its compiled
         form: one graph for every row of every image of the same width) inside the block."""
-        self._row_step = row_step
+        previous, self._row_step = self._row_step, row_step
         try:
             yield self
         finally:
-            self._row_step = None
+            self._row_step = previous
 
     def _hyper(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Hyper-latent for the synthesis, its likelihoods and its integer symbols."""
@@ -368,14 +369,20 @@ class StreamLIC(StageState, CompressionModel):
 
     def _form_integers(self) -> None:
         """Form the integer parameters of every trainable layer for a QAT step (layers.batch)."""
-        self.integer_parameters.current = {}  # nothing left over from a forward that raised
         if self.quantized and torch.is_grad_enabled():
             trainable = [layer for layer in self._quant_layers if layer._weight_sources()[0].requires_grad]
             if trainable:
                 self.integer_parameters.form(trainable)
 
     def forward(self, x: Tensor) -> dict[str, Any]:
-        self.range_tracker.pending.clear()  # nothing left over from a forward that raised
+        try:
+            return self._forward(x)
+        finally:  # what a forward gathers (ranges, integers in an autograd graph) never outlives it
+            self.range_tracker.pending.clear()
+            self.integer_parameters.current = {}
+
+    def _forward(self, x: Tensor) -> dict[str, Any]:
+        self.range_tracker.pending.clear()  # nothing from layers called on their own since
         self._form_integers()
         y = self.g_a(self.image_input(x))
         z = self.h_a(y)
@@ -403,7 +410,6 @@ class StreamLIC(StageState, CompressionModel):
 
         x_hat = self.g_s(y_hat) + 0.5
         self.range_tracker.flush()
-        self.integer_parameters.current = {}
         return {
             "x_hat": x_hat,
             "likelihoods": {"y": y_likelihoods, "z": z_likelihoods},

@@ -8,12 +8,11 @@ Each layer has two numerics, chosen by its ``quantized`` flag (set by the model'
   surrogate of the same computation. In float64 this path is bit-exact with the integer
   reference model; in float32 it is the training approximation.
 
-In a QAT step the model forms the integer parameters of all trainable layers together
-(:mod:`.batch`: the same elementwise rules on one concatenated tensor).
-
-``integer_params()`` is the single source of every exported integer (weights, biases,
-multipliers, shifts): the quantized forward, the integer reference model and the exporter
-all read it.
+The quantized forward takes its integer weights, biases and LAGC gains from :mod:`.batch`
+(in a QAT step formed for all trainable layers together, otherwise per layer, a batch of
+one). ``integer_params()``, which the integer reference model and the exporter read, forms
+the same integers (the checked gain multiplier and the plain bias rule through the
+export's own functions, which the bit-exactness tests compare with the forward).
 """
 
 from .batch import IntegerParameters

@@ -147,7 +147,7 @@ def integer_biases(rules: list[BiasRule], hw: HardwareConfig, cache: _Constants 
     return _split(q, [r.bias.shape for r in rules])
 
 
-def lagc_gains(rules: list[GainRule], hw: HardwareConfig, name: str,
+def lagc_gains(rules: list[GainRule], hw: HardwareConfig,
                cache: _Constants | None = None) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Per LAGC: gamma's sign, the affine bias integer ``b_a`` (sign folded in), the real gain factor
     (with gradients) and the gain multiplier ``m_g * 2**-k_g`` (formed in float64; in the training dtype).
@@ -169,7 +169,7 @@ def lagc_gains(rules: list[GainRule], hw: HardwareConfig, name: str,
     shift = 2.0 ** (hw.residual_bits + hw.tanh_in_shift)
     b_a = round_ste(fxp.clamp_bias(_flat([r.affine_bias for r in rules]) * (sign * shift), hw))
     gain_factor = gamma.abs() * c["factor_scale"]
-    m_g, k_g = fxp.to_multiplier(gamma.detach().double().abs() / c["factor_divisor64"], hw, name, check=False)
+    m_g, k_g = fxp.to_multiplier(gamma.detach().double().abs() / c["factor_divisor64"], hw, "LAGC gain", check=False)
     multiplier = torch.ldexp(m_g, -k_g).to(gamma.dtype)
     shapes = [r.gamma.shape for r in rules]
     return list(zip(*(_split(t, shapes) for t in (sign, b_a, gain_factor, multiplier))))
@@ -222,7 +222,7 @@ class IntegerParameters:
         bias_rules = [b for r in rules for b in r.biases]
         biases = integer_biases(bias_rules, hw, caches[1]) if bias_rules else []
         gain_rules = [g for r in rules for g in r.gains]
-        gains = lagc_gains(gain_rules, hw, "LAGC gain", caches[2]) if gain_rules else []
+        gains = lagc_gains(gain_rules, hw, caches[2]) if gain_rules else []
         assembled = []
         for layer, r in zip(layers, rules):
             w, weights = weights[:len(r.weights)], weights[len(r.weights):]

@@ -167,7 +167,7 @@ class RangeTracker:
     """
 
     def __init__(self):
-        self.pending: list[tuple[QuantLayer, Tensor]] = []
+        self.pending: list[tuple[QuantLayer, Tensor]] = []  # an output, or its max |out| (the same reduction)
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -242,10 +242,14 @@ class QuantLayer(nn.Module):
         """
         if self.fixed_scale is not None or self.scales_frozen:
             return
-        if self.range_tracker is not None:
+        if self.range_tracker is not None and out.requires_grad:
+            # kept for one reduction over all layers at the forward's end (autograd keeps most of them anyway)
             self.range_tracker.pending.append((self, out.detach()))
             return
         batch_max = torch.linalg.vector_norm(out.detach(), float("inf")).to(self.act_absmax.dtype)  # max |out|
+        if self.range_tracker is not None:  # without autograd, only the maximum is kept (calibration)
+            self.range_tracker.pending.append((self, batch_max))
+            return
         absmax, momentum = running_max_update(self.act_absmax, self.act_momentum, batch_max)
         self.act_absmax.copy_(absmax)
         self.act_momentum.copy_(momentum)
