@@ -286,7 +286,8 @@ def test_a_qat_step_forms_all_integers_together_exactly_as_each_layer_alone(stag
     model = trained_through(W12A12, photos, stage, steps=1).train()
     model._form_integers()
     formed = dict(model.integer_parameters.current)
-    trainable = {layer.layer_name for layer in model._quant_layers if layer._weight_sources()[0].requires_grad}
+    trainable = {layer.layer_name for layer in model._quant_layers
+                 if (layer.affine.weight if isinstance(layer, LAGC) else layer.weight).requires_grad}
     assert set(formed) == trainable
     assert (stage == "qat") == (len(trainable) == len(model._quant_layers))  # stage 4 freezes the encoder
     kinds = {type(model.get_submodule(name)).__name__ for name in formed}  # plain convs are the encoder's

@@ -108,7 +108,7 @@ class StreamLIC(StageState, CompressionModel):
     # ------------------------------------------------------------------ stage preparations (streamlic.stage)
     def _freeze_scales(self) -> None:
         """Capture every layer's weight scales and multipliers, sub-network by sub-network."""
-        learned = [m for m in self.modules() if isinstance(m, QuantLayer) and m.fixed_scale is None]
+        learned = [m for m in self._quant_layers if m.fixed_scale is None]
         measured = any(float(m.act_absmax) > 0 for m in learned)
         if not measured:
             log.warning("toggle_quantization: no activation range was ever measured (the model never ran in "
@@ -370,7 +370,7 @@ class StreamLIC(StageState, CompressionModel):
     def _form_integers(self) -> None:
         """Form the integer parameters of every trainable layer for a QAT step (layers.batch)."""
         if self.quantized and torch.is_grad_enabled():
-            trainable = [layer for layer in self._quant_layers if layer._weight_sources()[0].requires_grad]
+            trainable = [layer for layer in self._quant_layers if any(p.requires_grad for p in layer.parameters())]
             if trainable:
                 self.integer_parameters.form(trainable)
 

@@ -147,13 +147,27 @@ def integer_biases(rules: list[BiasRule], hw: HardwareConfig, cache: _Constants 
     return _split(q, [r.bias.shape for r in rules])
 
 
+def gain_multiplier(gamma: Tensor, factor_divisor64: Tensor, hw: HardwareConfig, name: str,
+                    check: bool = False) -> tuple[Tensor, Tensor]:
+    """``(m_g, k_g)`` of LAGC's gain factor ``2**r |gamma| s_t / s_g = |gamma| / factor_divisor64``, formed in
+    float64 whatever the training precision.
+
+    gamma trains during QAT, so the factor is held representable, in the forward and the export
+    alike; ``check`` (the export) raises only for a non-finite gamma, the forward never syncs.
+    """
+    factor = gamma.detach().double().abs() / factor_divisor64
+    if not check:  # to_multiplier clamps the same way without a host sync
+        return fxp.to_multiplier(factor, hw, name, check=False)
+    factor = torch.where(torch.isfinite(factor), fxp.representable_factor(factor, hw), factor)
+    return fxp.to_multiplier(factor, hw, name, check=True)
+
+
 def lagc_gains(rules: list[GainRule], hw: HardwareConfig,
                cache: _Constants | None = None) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Per LAGC: gamma's sign, the affine bias integer ``b_a`` (sign folded in), the real gain factor
     (with gradients) and the gain multiplier ``m_g * 2**-k_g`` (formed in float64; in the training dtype).
 
-    The multiplier follows gamma, so it is held representable (``to_multiplier(check=False)``
-    clamps like the export).
+    The multiplier follows gamma: :func:`gain_multiplier`, as in the export.
     """
     counts = [r.gamma.numel() for r in rules]
 
@@ -169,7 +183,7 @@ def lagc_gains(rules: list[GainRule], hw: HardwareConfig,
     shift = 2.0 ** (hw.residual_bits + hw.tanh_in_shift)
     b_a = round_ste(fxp.clamp_bias(_flat([r.affine_bias for r in rules]) * (sign * shift), hw))
     gain_factor = gamma.abs() * c["factor_scale"]
-    m_g, k_g = fxp.to_multiplier(gamma.detach().double().abs() / c["factor_divisor64"], hw, "LAGC gain", check=False)
+    m_g, k_g = gain_multiplier(gamma, c["factor_divisor64"], hw, "LAGC gain")
     multiplier = torch.ldexp(m_g, -k_g).to(gamma.dtype)
     shapes = [r.gamma.shape for r in rules]
     return list(zip(*(_split(t, shapes) for t in (sign, b_a, gain_factor, multiplier))))

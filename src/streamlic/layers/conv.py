@@ -53,10 +53,6 @@ class QConv2d(QuantLayer):
     def weight_scale(self) -> Tensor:
         return weight_scale_of(self.weight_absmax, self.hw)
 
-    def _integer_weight_surrogate(self) -> Tensor:
-        """``q_w = round(clamp(w, +-max|w_c|) / s_w)`` (formed in float64) with a straight-through gradient."""
-        return form_integers(self)[0]
-
     def _weight_rule(self) -> WeightRule:
         frozen = self._frozen()
         return WeightRule(self.weight, frozen["weight_scale64"], frozen["weight_bound64_neg"], frozen["weight_bound64"],
@@ -136,7 +132,7 @@ class QConv2d(QuantLayer):
         """The integers the hardware holds for this layer (float tensors with integer values)."""
         with torch.no_grad():
             return {
-                "weight": self._integer_weight_surrogate().detach(),
+                "weight": form_integers(self)[0],  # q_w = round(clamp(w, +-max|w_c|) / s_w), formed in float64
                 "bias": self._bias_integers().detach(),
                 "scale_param": self.req_m.clone(),
                 "scale_shift": self.req_k.clone(),

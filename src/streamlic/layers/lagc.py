@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .. import fixedpoint as fxp
 from ..config import HardwareConfig
-from .batch import BiasRule, GainRule, Rules, WeightRule, form_integers, layer_integers
+from .batch import BiasRule, GainRule, Rules, WeightRule, form_integers, gain_multiplier, layer_integers
 from .quant import QuantLayer, per_channel, requantize_ste, requantize_with_factor, round_ste, weight_scale_of
 
 
@@ -109,13 +109,9 @@ class LAGC(QuantLayer):
                 self.gain_scale)
 
     def _gain_multiplier(self) -> tuple[Tensor, Tensor]:
-        """``(m_g, k_g)`` of the gain factor ``2**r |gamma| s_t / s_g`` formed in float64, checked (the
-        export's): held representable as in the forward (:func:`.batch.lagc_gains`), an error only for a
-        non-finite gamma."""
-        gamma, _ = self._gamma_beta()
-        factor = gamma.detach().double().abs() / self._frozen()["gain_factor_divisor64"]
-        factor = torch.where(torch.isfinite(factor), fxp.representable_factor(factor, self.hw), factor)
-        return fxp.to_multiplier(factor, self.hw, f"{self.layer_name}.gain", check=True)
+        """``(m_g, k_g)`` as the export checks it (:func:`.batch.gain_multiplier`)."""
+        return gain_multiplier(self._gamma_beta()[0], self._frozen()["gain_factor_divisor64"], self.hw,
+                               f"{self.layer_name}.gain", check=True)
 
     def integer_params(self) -> dict[str, Tensor]:
         """The hardware's integers; the gain path ("score" in the research code's names) is ``score_*``."""
