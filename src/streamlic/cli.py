@@ -1,4 +1,4 @@
-"""The ``streamlic`` command line: export, compress, decompress and eval (see README.md).
+"""The ``streamlic`` command line: export, compress, decompress, eval and prepare-data (see README.md).
 
 The parser imports nothing heavy: each command loads torch and the library only when it runs,
 so ``streamlic --help`` answers at once.
@@ -102,6 +102,28 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_prepare_data(args: argparse.Namespace) -> int:
+    from .patches import prepare_store
+
+    try:
+        index = prepare_store(args.src, args.dst, crop_size=args.crop_size, stride=args.stride,
+                              crops_per_image=args.crops_per_image, seed=args.seed, workers=args.workers,
+                              images_per_shard=args.images_per_shard, force=args.force)
+    except KeyboardInterrupt:
+        logging.getLogger("streamlic").error("interrupted; rerun the same command to finish (%s keeps the finished "
+                                             "shards)", args.dst)
+        return 1
+    print(f"{args.dst}: {index['crops']} crops of {index['crop_size'][0]}x{index['crop_size'][1]} in "
+          f"{len(index['shards'])} shards, {len(index['skipped'])} files skipped, checksum {index['checksum']}")
+    return 0
+
+
+def _size(text: str) -> int | list[int]:
+    """``256`` or ``256x192`` (height x width)."""
+    parts = [int(part) for part in text.lower().split("x")]
+    return parts[0] if len(parts) == 1 else parts
+
+
 def _format(value: float | None, width: int, decimals: int) -> str:
     return f"{'-':>{width}s}" if value is None else f"{value:{width}.{decimals}f}"
 
@@ -150,6 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--name", default="StreamLIC", help="name of this curve in the JSON and the plot")
     evaluate.add_argument("--force", action="store_true", help="overwrite existing outputs")
     evaluate.set_defaults(func=_run_eval)
+
+    prepare = sub.add_parser(
+        "prepare-data", help="cut a folder of images into a patch store that data=patches trains from",
+        description="Decode every image under SRC once and write its crops as uint8 shards with an index into DST. "
+                    "Deterministic; rerun the same command to finish an interrupted store.")
+    prepare.add_argument("src", type=Path, help="folder of images (searched recursively; png, jpg, webp, bmp, tif)")
+    prepare.add_argument("dst", type=Path, help="output folder of the store (empty, or an unfinished store)")
+    prepare.add_argument("--crop-size", type=_size, default=256, help="crop size, N or HxW (default 256)")
+    how = prepare.add_mutually_exclusive_group()
+    how.add_argument("--stride", type=_size, help="crops on a grid with this step, N or HxW (default: the crop size)")
+    how.add_argument("--crops-per-image", type=int, help="this many crops per image at seeded random places")
+    prepare.add_argument("--seed", type=int, default=0, help="seed of --crops-per-image (default 0)")
+    prepare.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    prepare.add_argument("--images-per-shard", type=int, default=16,
+                         help="source images per shard, the unit a rerun resumes at (default 16)")
+    prepare.add_argument("--force", action="store_true", help="replace the store in a non-empty DST")
+    prepare.set_defaults(func=_run_prepare_data)
     return parser
 
 

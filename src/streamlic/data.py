@@ -1,8 +1,10 @@
 """Training data: seeded datasets of crops, their sampler and loader, the Lightning DataModule.
 
-Data sources: ``demo`` (the demo photos of :mod:`streamlic.images`) and ``folder`` (three
-folders of image files, scanned recursively; bad files are reported once and skipped).
-Crops and their order depend only on ``(seed, epoch)`` (:func:`mixed_seed`).
+Data sources: ``demo`` (the demo photos of :mod:`streamlic.images`), ``folder`` (three
+folders of image files, scanned recursively; bad files are reported once and skipped) and
+``patches`` (training crops from a :class:`~streamlic.patches.PatchStore`, validation and
+test from folders or the demo photos). Crops and their order depend only on
+``(seed, epoch)`` (:func:`mixed_seed`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .images import (DataError, ImageSource, PatchSize, demo_images, load_image, patch_hw, read_image_size,
                      report_skipped, scan_folder)
+from .patches import PatchStore
 
 logger = logging.getLogger("streamlic.data")
 
@@ -34,13 +37,41 @@ def mixed_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+def random_crops(image: torch.Tensor, patch_size: tuple[int, int], hflip: bool, generator: torch.Generator | None,
+                 count: int = 1) -> list[torch.Tensor]:
+    """``count`` random ``patch_size`` windows of ``image`` [C, H, W], each flipped horizontally with probability 1/2
+    when ``hflip``; drawn in order from ``generator`` (torch's global one when ``None``)."""
+    patch_h, patch_w = patch_size
+    height, width = image.shape[-2:]
+    crops = []
+    for _ in range(count):
+        top = int(torch.randint(0, height - patch_h + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - patch_w + 1, (1,), generator=generator))
+        patch = image[:, top : top + patch_h, left : left + patch_w]
+        if hflip and bool(torch.rand(1, generator=generator) < 0.5):
+            patch = patch.flip(-1)
+        crops.append(patch.contiguous())
+    return crops
+
+
+def _item_generator(seed: int | None, epoch: int, index: int) -> torch.Generator | None:
+    return None if seed is None else torch.Generator().manual_seed(mixed_seed(seed, epoch, index))
+
+
+def concat_crops(batch: list[torch.Tensor]) -> torch.Tensor:
+    """Collate items of several crops each ``[k, C, H, W]`` into one batch of crops."""
+    return torch.cat(batch)
+
+
 class ImageListDataset(Dataset):
     """Images from files or in-memory tensors, cropped for training, validation or test.
 
     Modes:
 
     - ``"train"``: a random ``patch_size`` crop, flipped horizontally with probability 1/2
-      when ``hflip``; each image appears ``repeat`` times per epoch (several crops of it).
+      when ``hflip``; each image gives ``repeat`` crops per epoch. With ``crops_per_image=k``
+      one item decodes its image once and returns ``k`` crops ``[k, C, H, W]`` (``repeat``
+      must be a multiple of ``k``; the epoch has ``len(images) * repeat / k`` items).
     - ``"val"``: the centre ``patch_size`` crop, so batches stack and metrics repeat.
     - ``"test"``: the whole image (use batch size 1; the model pads).
 
@@ -63,11 +94,15 @@ class ImageListDataset(Dataset):
         repeat: int = 1,
         seed: int | None = None,
         names: Sequence[str] | None = None,
+        crops_per_image: int = 1,
     ) -> None:
         if mode not in ("train", "val", "test"):
             raise DataError(f"mode={mode!r}: expected 'train', 'val' or 'test'")
         if repeat < 1:
             raise DataError(f"repeat={repeat}: must be at least 1")
+        if crops_per_image < 1 or repeat % crops_per_image:
+            raise DataError(f"data.crops_per_image={crops_per_image}: must be at least 1 and divide "
+                            f"data.repeat={repeat}")
         if names is not None and len(names) != len(images):
             raise DataError(f"{len(names)} names for {len(images)} images")
         self.mode = mode
@@ -75,6 +110,7 @@ class ImageListDataset(Dataset):
         self.hflip = hflip
         self.repeat = repeat
         self.seed = seed
+        self.crops_per_image = crops_per_image
 
         if names is None:
             names = [self._default_name(image, i) for i, image in enumerate(images)]
@@ -100,7 +136,7 @@ class ImageListDataset(Dataset):
         return f"image{index}" if isinstance(image, torch.Tensor) else os.fspath(image)
 
     def __len__(self) -> int:
-        return len(self.images) * self.repeat
+        return len(self.images) * self.repeat // self.crops_per_image
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -116,13 +152,37 @@ class ImageListDataset(Dataset):
             top, left = (height - patch_h) // 2, (width - patch_w) // 2
             return image[:, top : top + patch_h, left : left + patch_w].contiguous()
 
-        generator = None if self.seed is None else torch.Generator().manual_seed(mixed_seed(self.seed, epoch, index))
-        top = int(torch.randint(0, height - patch_h + 1, (1,), generator=generator))
-        left = int(torch.randint(0, width - patch_w + 1, (1,), generator=generator))
-        patch = image[:, top : top + patch_h, left : left + patch_w]
-        if self.hflip and bool(torch.rand(1, generator=generator) < 0.5):
-            patch = patch.flip(-1)
-        return patch.contiguous()
+        crops = random_crops(image, self.patch_size, self.hflip, _item_generator(self.seed, epoch, index),
+                             self.crops_per_image)
+        return crops[0] if self.crops_per_image == 1 else torch.stack(crops)
+
+
+class PatchDataset(Dataset):
+    """Training crops from a patch store: item ``i`` is store crop ``i`` as float32 in [0, 1].
+
+    The crop is cut to ``patch_size`` at a random place (the whole stored crop when the sizes
+    match) and flipped like :class:`ImageListDataset`'s, seeded the same way: with a ``seed``,
+    key ``(epoch, i)`` depends only on ``(seed, epoch, i)``.
+    """
+
+    def __init__(self, store: PatchStore, patch_size: PatchSize = 256, hflip: bool = True,
+                 seed: int | None = None) -> None:
+        self.store = store
+        self.patch_size = patch_hw(patch_size, "data.patch_size")
+        self.hflip = hflip
+        self.seed = seed
+        if self.patch_size[0] > store.crop_size[0] or self.patch_size[1] > store.crop_size[1]:
+            raise DataError(f"data.patch_size={list(self.patch_size)}: larger than the crops of the patch store "
+                            f"{store.path} ({list(store.crop_size)})")
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        # the copy leaves the read-only memory map; uint8 / 255 in float32 is load_image's value
+        image = torch.from_numpy(np.array(self.store[index])).float().div_(255)
+        return random_crops(image, self.patch_size, self.hflip, _item_generator(self.seed, epoch, index))[0]
 
 
 class EpochSeededSampler(Sampler):
@@ -182,17 +242,24 @@ class ResumableDataLoader(DataLoader):
 
 
 class StreamLICDataModule(L.LightningDataModule):
-    """Train/val/test data for StreamLIC from the demo photos or from image folders.
+    """Train/val/test data for StreamLIC from the demo photos, image folders or a patch store.
 
     Args:
-        source: ``"demo"`` (photos inside scikit-image, split by :data:`DEMO_SPLIT`) or
+        source: ``"demo"`` (photos inside scikit-image, split by :data:`DEMO_SPLIT`),
             ``"folder"`` (``train_dir``, ``val_dir``, ``test_dir``; each needed only by the
-            stages that use it: fit needs train and val, validate val, test test).
+            stages that use it: fit needs train and val, validate val, test test) or
+            ``"patches"`` (training crops from the patch store at ``path``, written by
+            ``streamlic prepare-data``; validation and test from ``val_dir`` and
+            ``test_dir``, or the demo photos' val and test sets where these are not set).
+        path: the patch store of ``source="patches"``.
         patch_size: training crop, an int or (height, width).
         val_patch_size: validation centre crop; ``None`` means ``patch_size``.
         batch_size / val_batch_size: batch sizes (``val_batch_size=None`` means
             ``batch_size``). Test batches are one whole image each.
         repeat: how many random crops of each training image one epoch draws.
+        crops_per_image: crops cut from one decoded training image (demo and folder): a
+            batch of ``batch_size`` crops comes from ``batch_size / crops_per_image``
+            images, so both ``repeat`` and ``batch_size`` must be multiples of it.
         hflip: random horizontal flips in training.
         min_image_size: folder files smaller than this are skipped with a warning;
             ``None`` means the crop size of each split (training and validation) and no
@@ -209,7 +276,8 @@ class StreamLICDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        source: Literal["demo", "folder"] = "demo",
+        source: Literal["demo", "folder", "patches"] = "demo",
+        path: str | os.PathLike | None = None,
         train_dir: str | os.PathLike | None = None,
         val_dir: str | os.PathLike | None = None,
         test_dir: str | os.PathLike | None = None,
@@ -218,6 +286,7 @@ class StreamLICDataModule(L.LightningDataModule):
         batch_size: int = 8,
         val_batch_size: int | None = None,
         repeat: int = 1,
+        crops_per_image: int = 1,
         hflip: bool = True,
         min_image_size: PatchSize | None = None,
         seed: int | None = None,
@@ -225,12 +294,18 @@ class StreamLICDataModule(L.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        if source not in ("demo", "folder"):
-            raise DataError(f"data.source={source!r}: expected 'demo' or 'folder'")
+        if source not in ("demo", "folder", "patches"):
+            raise DataError(f"data.source={source!r}: expected 'demo', 'folder' or 'patches'")
+        if source == "patches" and path is None:
+            raise DataError("data.path is not set; source=patches trains from the patch store there")
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
             raise DataError(f"data.batch_size={batch_size}, val_batch_size={val_batch_size}: must be at least 1")
+        if crops_per_image < 1 or batch_size % crops_per_image or (source == "patches" and crops_per_image != 1):
+            raise DataError(f"data.crops_per_image={crops_per_image}: must divide data.batch_size={batch_size} "
+                            "(and be 1 for source=patches, whose crops are cut already)")
         self.save_hyperparameters()
         self.source = source
+        self.path = path
         self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
         self.patch_size = patch_hw(patch_size, "data.patch_size")
         self.val_patch_size = patch_hw(patch_size if val_patch_size is None else val_patch_size, "data.val_patch_size")
@@ -238,16 +313,17 @@ class StreamLICDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size if val_batch_size is not None else batch_size
         self.repeat = repeat
+        self.crops_per_image = crops_per_image
         self.hflip = hflip
         self.seed = seed
         self.num_workers = loader_workers(num_workers)
         self.pin_memory = pin_memory
-        self.train_dataset: ImageListDataset | None = None
+        self.train_dataset: ImageListDataset | PatchDataset | None = None
         self.val_dataset: ImageListDataset | None = None
         self.test_dataset: ImageListDataset | None = None
 
     def _split_images(self, split: str, crop_size: tuple[int, int]) -> tuple[list[ImageSource], list[str]]:
-        if self.source == "demo":
+        if self.source == "demo" or (self.source == "patches" and self.dirs[split] is None):
             pairs = demo_images(split)  # type: ignore[arg-type]
             return [image for _, image in pairs], [name for name, _ in pairs]
         folder = self.dirs[split]
@@ -257,10 +333,13 @@ class StreamLICDataModule(L.LightningDataModule):
         paths = scan_folder(folder, min_size)
         return paths, [os.fspath(path) for path in paths]
 
-    def _build(self, split: Literal["train", "val", "test"]) -> ImageListDataset:
+    def _build(self, split: Literal["train", "val", "test"]) -> ImageListDataset | PatchDataset:
+        if split == "train" and self.source == "patches":
+            return PatchDataset(PatchStore(self.path), self.patch_size, self.hflip, self.seed)
         if split == "train":
             images, names = self._split_images(split, self.patch_size)
-            return ImageListDataset(images, "train", self.patch_size, self.hflip, self.repeat, self.seed, names)
+            return ImageListDataset(images, "train", self.patch_size, self.hflip, self.repeat, self.seed, names,
+                                    self.crops_per_image)
         if split == "val":
             images, names = self._split_images(split, self.val_patch_size)
             return ImageListDataset(images, "val", self.val_patch_size, names=names)
@@ -277,12 +356,12 @@ class StreamLICDataModule(L.LightningDataModule):
             self.test_dataset = self._build("test")
 
     @staticmethod
-    def _built(dataset: ImageListDataset | None, split: str) -> ImageListDataset:
+    def _built(dataset: Dataset | None, split: str) -> Dataset:
         if dataset is None:
             raise DataError(f"the {split} set is not built; call setup() for its stage first")
         return dataset
 
-    def _loader(self, dataset: ImageListDataset, loader_class: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
+    def _loader(self, dataset: Dataset, loader_class: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
         return loader_class(
             dataset,
             num_workers=self.num_workers,
@@ -293,12 +372,14 @@ class StreamLICDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._built(self.train_dataset, "train")
+        # items of several crops: a batch of batch_size crops holds batch_size / crops_per_image items
+        batching = {"batch_size": self.batch_size // self.crops_per_image,
+                    "collate_fn": concat_crops if self.crops_per_image > 1 else None}
         if self.seed is None:
-            return self._loader(dataset, batch_size=self.batch_size, shuffle=True)
+            return self._loader(dataset, shuffle=True, **batching)
         sampler = EpochSeededSampler(len(dataset), self.seed)
-        skip = self._batches_already_trained(math.ceil(len(dataset) / self.batch_size))
-        return self._loader(dataset, ResumableDataLoader, batch_size=self.batch_size, sampler=sampler,
-                            skip_batches=skip)
+        skip = self._batches_already_trained(math.ceil(len(dataset) / batching["batch_size"]))
+        return self._loader(dataset, ResumableDataLoader, sampler=sampler, skip_batches=skip, **batching)
 
     def _batches_already_trained(self, batches_per_epoch: int) -> int:
         """Batches of the current epoch that a run resumed mid-epoch has trained (0 otherwise)."""

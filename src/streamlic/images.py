@@ -170,6 +170,20 @@ def _probe(path: Path) -> tuple[int, int] | str:
     return height, width
 
 
+def list_image_files(root: Path) -> list[Path]:
+    """Files under ``root`` (recursive, sorted) with an image extension, any letter case.
+
+    Raises:
+        DataError: ``root`` is missing or holds no image files; the message names it.
+    """
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a directory")
+    files = sorted(path for path in root.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+    if not files:
+        raise DataError(f"data folder {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
 def scan_folder(root: str | os.PathLike, min_size: PatchSize = 1) -> list[Path]:
     """Image files under ``root`` (recursive) that decode fully and are at least ``min_size``.
 
@@ -184,11 +198,7 @@ def scan_folder(root: str | os.PathLike, min_size: PatchSize = 1) -> list[Path]:
     """
     root = Path(root).expanduser()
     min_hw = patch_hw(min_size, "min_size")
-    if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist or is not a directory")
-    candidates = sorted(path for path in root.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
-    if not candidates:
-        raise DataError(f"data folder {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    candidates = list_image_files(root)
 
     # Decoding releases the GIL, so threads check a large folder several times faster.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
