@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,38 @@ def script_env() -> dict[str, str]:
             "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
 
 
+def checkpoint_file(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def run_killed_mid_epoch(out: Path, args: list[str], steps_per_epoch: int, timeout: float = 240) -> int:
+    """Start ``python train.py ARGS`` into ``out``, SIGKILL it (all its processes) once ``last.ckpt`` is mid-epoch
+    after the first epoch; returns the step it was killed at."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={out}"], cwd=ROOT,
+                            env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: DDP ranks die with it
+    last, killed_at = out / "checkpoints" / "last.ckpt", None
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                step = checkpoint_file(last)["global_step"] if last.is_file() else 0
+            except Exception:  # noqa: BLE001 - a checkpoint being replaced right now
+                step = 0
+            if step > steps_per_epoch and step % steps_per_epoch:
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_at = step
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_at is not None, "the run finished or stalled before it could be killed mid-epoch"
+    assert not (out / "results.json").exists()
+    return killed_at
+
+
 def run_script(args: list[str], timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` (see :func:`script_env`)."""
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=script_env(),
@@ -102,6 +136,29 @@ class StateProbe(Callback):
         torch.save({"epochs": self.epochs, "end": (pl_module.model.stage, model_tensors(pl_module.model)),
                     "world_size": trainer.world_size},
                    self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+class BatchProbe(Callback):
+    """Records which training crops each rank sees: ``(epoch, crop keys)`` per batch in ``rank<R>-batches.pt``.
+
+    A crop's key is its bytes or those of its mirror image, whichever is smaller, so a crop
+    flipped by the loader has the key of the stored one.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.batches: list[tuple[int, list[bytes]]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.batches.append((trainer.current_epoch, [crop_key(crop) for crop in batch]))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.batches, self.out_dir / f"rank{trainer.global_rank}-batches.pt")
+
+
+def crop_key(crop: torch.Tensor) -> bytes:
+    return min(crop.numpy().tobytes(), crop.flip(-1).numpy().tobytes())
 
 
 class NaNInjector(Callback):

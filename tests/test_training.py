@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from _training import (ROOT, TINY, compose_config, load_train_module, probe_overrides, run_script, run_training,
-                       schedule, script_env)
+from _training import (TINY, checkpoint_file, compose_config, load_train_module, probe_overrides,
+                       run_killed_mid_epoch, run_script, run_training, schedule)
 from callbacks import STAGE_CHECKPOINT_NAMES, NonFiniteLossError, read_finished_stages, read_run_record
 from streamlic.config import ConfigError
 from streamlic.images import DataError
@@ -32,8 +28,7 @@ FIVE_STAGES = schedule(aun=3, aun_lr=1e-3)  # stage 1 long enough to learn; one 
 pytestmark = pytest.mark.usefixtures("one_thread")  # as in the train.py subprocesses
 
 
-def _checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+_checkpoint = checkpoint_file
 
 
 def _model_state(path: Path) -> dict[str, torch.Tensor]:
@@ -161,31 +156,11 @@ KILLED_RUN = [*TINY, *schedule(), "data.repeat=2", "test=false", "checkpoint.eve
 def killed_run(tmp_path_factory):
     """A run with non-default overrides, SIGKILLed mid-epoch, and the same run left uninterrupted."""
     root = tmp_path_factory.mktemp("killed")
-    out = root / "run"
     steps_per_epoch = 5  # 10 crops, batch 2
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *KILLED_RUN, f"hydra.run.dir={out}"], cwd=ROOT,
-                            env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last, killed_at = out / "checkpoints" / "last.ckpt", None
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                step = _checkpoint(last)["global_step"] if last.is_file() else 0
-            except Exception:  # noqa: BLE001 - a checkpoint being replaced right now
-                step = 0
-            if step > steps_per_epoch and step % steps_per_epoch:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-            time.sleep(0.05)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert killed_at is not None, "the run finished or stalled before it could be killed mid-epoch"
-    assert not (out / "results.json").exists()
+    run_killed_mid_epoch(root / "run", KILLED_RUN, steps_per_epoch)
     straight = run_script([*KILLED_RUN, f"hydra.run.dir={root / 'straight'}"], timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    return out, root / "straight", steps_per_epoch
+    return root / "run", root / "straight", steps_per_epoch
 
 
 @pytest.mark.slow
