@@ -67,8 +67,19 @@ def loader_rate(dataset, crops: int, batch_size: int = 16, crops_per_item: int =
     return done / (time.perf_counter() - start)
 
 
+def indexed_rate(read, length: int, crops: int) -> float:
+    """Crops per second of ``read(i)`` (a uint8 crop) to a float tensor, in a seeded random order."""
+    order = np.random.default_rng(1).permutation(length)
+    done, start = 0, time.perf_counter()
+    while done < crops:
+        for index in order[: crops - done]:
+            torch.from_numpy(np.array(read(int(index)))).float().div_(255)
+            done += 1
+    return done / (time.perf_counter() - start)
+
+
 def litdata_rate(store: PatchStore, folder: Path, crops: int) -> float | None:
-    """Crops per second of LitData's StreamingDataset holding the store's crops, read in a seeded order."""
+    """:func:`indexed_rate` of LitData's StreamingDataset holding the store's crops (None without litdata)."""
     try:
         from litdata import StreamingDataset, optimize
     except ImportError:
@@ -76,13 +87,7 @@ def litdata_rate(store: PatchStore, folder: Path, crops: int) -> float | None:
     optimize(fn=_store_item, inputs=[(str(store.path), index) for index in range(len(store))],
              output_dir=str(folder), chunk_bytes="64MB", num_workers=1)
     dataset = StreamingDataset(str(folder))
-    order = np.random.default_rng(1).permutation(len(dataset))
-    done, start = 0, time.perf_counter()
-    while done < crops:
-        for index in order[: crops - done]:
-            torch.from_numpy(np.array(dataset[int(index)]["crop"])).float().div_(255)
-            done += 1
-    return done / (time.perf_counter() - start)
+    return indexed_rate(lambda index: dataset[index]["crop"], len(dataset), crops)
 
 
 def _store_item(key: tuple[str, int]) -> dict[str, np.ndarray]:
@@ -116,6 +121,10 @@ def main() -> None:
     logging.getLogger("litdata").setLevel(logging.ERROR)
     rows: list[tuple[str, float]] = []
 
+    def add(row: tuple[str, float]) -> None:
+        rows.append(row)
+        print(f"{row[0]:<52} {row[1]:10.1f} crops/s", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         dirs = make_files(Path(tmp), args.files)
         store_dir = Path(tmp) / "store"
@@ -128,39 +137,40 @@ def main() -> None:
             for per_image in (1, 4, 8, 16):
                 dataset = ImageListDataset(files, "train", CROP, repeat=16, seed=1, crops_per_image=per_image)
                 crops = args.folder_crops if per_image == 1 else 4 * args.folder_crops
-                rows.append((f"folder {kind}, crops_per_image={per_image}",
-                             loader_rate(dataset, crops, crops_per_item=per_image)))
-                print(f"{rows[-1][0]:<45} {rows[-1][1]:10.1f} crops/s")
-        rows.append(("patch store (npy memmap), data=patches", loader_rate(PatchDataset(store, CROP, seed=1),
-                                                                            args.store_crops)))
-        print(f"{rows[-1][0]:<45} {rows[-1][1]:10.1f} crops/s")
+                add((f"folder {kind}, crops_per_image={per_image}",
+                     loader_rate(dataset, crops, crops_per_item=per_image)))
+        add(("patch store (npy memmap), data=patches", loader_rate(PatchDataset(store, CROP, seed=1),
+                                                                    args.store_crops)))
+        add(("patch store, store[i] to float (no crop, flip, batch)",
+             indexed_rate(store.__getitem__, len(store), args.store_crops)))
         litdata = litdata_rate(store, Path(tmp) / "litdata", args.store_crops)
         if litdata is not None:
-            rows.append(("LitData StreamingDataset, same crops", litdata))
-            print(f"{rows[-1][0]:<45} {rows[-1][1]:10.1f} crops/s")
+            add(("LitData StreamingDataset[i] to float, same crops", litdata))
 
         train = load_train_script()
         common = ["model=tiny", f"data.patch_size={CROP}", f"data.batch_size={args.batch_size}",
                   "data.num_workers=0", "data.pin_memory=false", f"data.val_dir={dirs['png']}",
                   f"data.test_dir={dirs['png']}", "paths.output_dir=."]
-        sources = {"folder png": ["data=folder", f"data.train_dir={dirs['png']}", "data.repeat=16"],
+        folder = ["data=folder", f"data.train_dir={dirs['png']}", "data.repeat=16"]
+        sources = {"folder png": [*folder, "data.crops_per_image=1"],
+                   "folder png, crops_per_image=4": [*folder, "data.crops_per_image=4"],
                    "patch store": ["data=patches", f"data.path={store_dir}"]}
         training = {}
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             for name, overrides in sources.items():
                 cfg = compose("config", overrides=[*overrides, *common])
                 training[name] = training_rate(train, cfg, args.steps, warmup=2)
-                print(f"tiny model training from {name:<22} {training[name]:10.2f} images/s")
+                print(f"tiny model training from {name:<30} {training[name]:10.2f} images/s")
 
     png = rows[0][1]
     print(f"\nloader, one core (OMP_NUM_THREADS={torch.get_num_threads()}), {CROP}x{CROP} crops, batch 16:")
-    print(f"{'source':<45} {'crops/s':>10} {'x PNG':>8}")
+    print(f"{'source':<52} {'crops/s':>10} {'x PNG':>8}")
     for name, rate in rows:
-        print(f"{name:<45} {rate:10.1f} {rate / png:8.1f}")
+        print(f"{name:<52} {rate:10.1f} {rate / png:8.1f}")
     speedup = training["patch store"] / training["folder png"]
     print(f"\nend to end, tiny model, batch {args.batch_size}, {CROP}x{CROP}, loader workers 0:")
     for name, rate in training.items():
-        print(f"{name:<45} {rate:10.2f} images/s")
+        print(f"{name:<52} {rate:10.2f} images/s")
     print(f"store / PNG folder: {speedup:.1f}x")
     if args.json:
         args.json.write_text(json.dumps({"loader_crops_per_s": dict(rows), "training_images_per_s": training},

@@ -79,9 +79,10 @@ def checkpoint_file(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def run_killed_mid_epoch(out: Path, args: list[str], steps_per_epoch: int, timeout: float = 240) -> int:
+def run_killed_mid_epoch(out: Path, args: list[str], steps_per_epoch: int, timeout: float = 240,
+                         after_epochs: int = 1) -> int:
     """Start ``python train.py ARGS`` into ``out``, SIGKILL it (all its processes) once ``last.ckpt`` is mid-epoch
-    after the first epoch; returns the step it was killed at."""
+    after ``after_epochs`` epochs; returns the step it was killed at."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={out}"], cwd=ROOT,
                             env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # its own process group: DDP ranks die with it
@@ -93,7 +94,7 @@ def run_killed_mid_epoch(out: Path, args: list[str], steps_per_epoch: int, timeo
                 step = checkpoint_file(last)["global_step"] if last.is_file() else 0
             except Exception:  # noqa: BLE001 - a checkpoint being replaced right now
                 step = 0
-            if step > steps_per_epoch and step % steps_per_epoch:
+            if step > after_epochs * steps_per_epoch and step % steps_per_epoch:
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed_at = step
                 break

@@ -177,21 +177,32 @@ def test_patches_sigkill_then_resume_with_ckpt_path_alone_is_the_same_run(demo_s
 @pytest.mark.slow
 def test_patches_two_ranks_share_out_the_store_and_resume_exactly(demo_store, tmp_path):
     run = [*_patch_run(demo_store), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
-    probe = ["+callbacks.batches._target_=_training.BatchProbe", f"+callbacks.batches.out_dir={tmp_path / 'probe'}"]
-    straight = run_script([*run, *probe, f"hydra.run.dir={tmp_path / 'straight'}"], timeout=600)
+
+    def probe(name: str) -> list[str]:
+        return ["+callbacks.batches._target_=_training.BatchProbe", f"+callbacks.batches.out_dir={tmp_path / name}"]
+
+    def batches(name: str) -> list[list[tuple[int, list[bytes]]]]:
+        return [torch.load(tmp_path / name / f"rank{rank}-batches.pt") for rank in (0, 1)]
+
+    straight = run_script([*run, *probe("probe"), f"hydra.run.dir={tmp_path / 'straight'}"], timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
     store = PatchStore(demo_store)
     everything = sorted(crop_key(torch.from_numpy(np.array(store[i])).float().div(255)) for i in range(len(store)))
-    ranks = [torch.load(tmp_path / "probe" / f"rank{rank}-batches.pt") for rank in (0, 1)]
+    ranks = batches("probe")
     seen_by_epoch = []
     for epoch in range(5):
-        seen = [[key for e, keys in batches if e == epoch for key in keys] for batches in ranks]
+        seen = [[key for e, keys in rank if e == epoch for key in keys] for rank in ranks]
         assert len(seen[0]) == len(seen[1]) == 6 and not set(seen[0]) & set(seen[1])  # disjoint halves
         assert sorted(seen[0] + seen[1]) == everything  # the whole store once
         seen_by_epoch.append(seen[0])
     assert seen_by_epoch[0] != seen_by_epoch[1]  # reshuffled every epoch
 
-    run_killed_mid_epoch(tmp_path / "run", run, steps_per_epoch=3, timeout=500)
+    # killed in the last epoch: each rank's statistics of the epochs before were reduced at the stage
+    # transitions, the ones gathered since are not in a checkpoint (rank 0 writes it) and not used again
+    run_killed_mid_epoch(tmp_path / "run", [*run, *probe("probe-resumed")], steps_per_epoch=3, timeout=500,
+                         after_epochs=4)
     resumed = run_script([f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"], timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for after_resume, whole_run in zip(batches("probe-resumed"), ranks):  # each rank continues its own share
+        assert 0 < len(after_resume) < 3 and after_resume == whole_run[-len(after_resume):]
     _same_weights(*(tmp_path / name / "checkpoints" / "last.ckpt" for name in ("run", "straight")))

@@ -343,7 +343,7 @@ def data_folders(tmp_path: Path) -> dict[str, Path]:
 
 def _folder_overrides(folders: dict[str, Path]) -> list[str]:
     return ["data=folder", *[f"data.{split}_dir={path}" for split, path in folders.items()], "data.num_workers=0",
-            "data.pin_memory=false"]
+            "data.pin_memory=false", "data.crops_per_image=1"]
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from typing import Iterator, Literal, Sequence
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .images import (DataError, ImageSource, PatchSize, demo_images, load_image, patch_hw, read_image_size,
                      report_skipped, scan_folder)
@@ -30,9 +30,10 @@ logger = logging.getLogger("streamlic.data")
 def mixed_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers: neighbouring epochs, indices or steps share nothing.
 
-    The one seed rule of the project: training crops and order (seed, epoch, index) and the
-    training noise of each step (seed, step, rank) depend only on these numbers, so a resumed
-    run draws what the uninterrupted run drew.
+    The one seed rule of the project: training crops (seed, epoch, index) and the training
+    noise of each step (seed, step, rank) depend only on these numbers, and the order of an
+    epoch on (seed, epoch) (:class:`EpochSeededSampler`), so a resumed run draws what the
+    uninterrupted run drew.
     """
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
@@ -185,29 +186,23 @@ class PatchDataset(Dataset):
         return random_crops(image, self.patch_size, self.hflip, _item_generator(self.seed, epoch, index))[0]
 
 
-class EpochSeededSampler(Sampler):
-    """Shuffles ``num_items`` indices from ``(seed, epoch)`` and yields ``(epoch, index)`` keys.
+class EpochSeededSampler(DistributedSampler):
+    """torch's :class:`DistributedSampler` over ``num_items`` indices, yielding ``(epoch, index)`` keys.
 
-    Lightning calls :meth:`set_epoch` at the start of every epoch (resumed runs included, and
-    through its distributed wrapper under DDP), so the order and the crops of a seeded
-    :class:`ImageListDataset` depend only on the seed and the epoch, not on workers or ranks.
+    The order is shuffled from ``seed + epoch`` and each of ``num_replicas`` ranks takes its
+    own share (the whole order with the defaults, one process). Lightning calls
+    :meth:`set_epoch` at the start of every epoch (resumed runs included) and keeps a
+    distributed sampler as it is, so under DDP too the order and the crops of a seeded
+    dataset depend only on the seed and the epoch, not on workers.
     """
 
-    def __init__(self, num_items: int, seed: int) -> None:
-        self.num_items = num_items
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_items
+    def __init__(self, num_items: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(num_items), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(mixed_seed(self.seed, self.epoch))
-        for index in torch.randperm(self.num_items, generator=generator).tolist():
-            yield self.epoch, index
+        epoch = self.epoch  # read at the first batch: Lightning sets the epoch after iter()
+        for index in super().__iter__():
+            yield epoch, index
 
 
 MAX_AUTO_WORKERS = 8
@@ -377,7 +372,9 @@ class StreamLICDataModule(L.LightningDataModule):
                     "collate_fn": concat_crops if self.crops_per_image > 1 else None}
         if self.seed is None:
             return self._loader(dataset, shuffle=True, **batching)
-        sampler = EpochSeededSampler(len(dataset), self.seed)
+        trainer = self.trainer
+        sampler = EpochSeededSampler(len(dataset), self.seed, trainer.world_size if trainer else 1,
+                                     trainer.global_rank if trainer else 0)
         skip = self._batches_already_trained(math.ceil(len(dataset) / batching["batch_size"]))
         return self._loader(dataset, ResumableDataLoader, sampler=sampler, skip_batches=skip, **batching)
 
