@@ -30,7 +30,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from streamlic.data import EpochSeededSampler, ImageListDataset, PatchDataset, concat_crops
+from streamlic.data import EpochSeededSampler, ImageListDataset, PatchDataset
 from streamlic.images import DEMO_SPLIT, demo_images
 from streamlic.patches import PatchStore, prepare_store
 from train_throughput import ROOT, ThroughputTimer, load_train_script
@@ -57,7 +57,7 @@ def make_files(folder: Path, count: int) -> dict[str, Path]:
 def loader_rate(dataset, crops: int, batch_size: int = 16, crops_per_item: int = 1) -> float:
     """Crops per second of one pass of seeded batches until ``crops`` crops (workers 0)."""
     loader = DataLoader(dataset, batch_size=batch_size // crops_per_item, sampler=EpochSeededSampler(len(dataset), 1),
-                        collate_fn=concat_crops if crops_per_item > 1 else None)
+                        collate_fn=dataset.collate)
     done, start = 0, time.perf_counter()
     while done < crops:
         for batch in loader:

@@ -66,12 +66,15 @@ def test_prepare_data_skips_each_bad_file_in_one_line_and_stores_the_crops_pillo
                 for crop in _pil_grid_crops(source / name, CROP, 24)]
     assert len(store) == len(expected) == 3 * 3 + 2 * 2 + 2 * 3
     assert all(np.array_equal(store[i], crop) for i, crop in enumerate(expected))
-    # training crops are the stored crops / 255 exactly (load_image's rule), some of them mirrored
+    # training crops are the stored crops, some of them mirrored, and batches hold load_image's values
     dataset = PatchDataset(store, CROP, seed=7)
-    for index in range(len(store)):
-        crop, stored = dataset[(3, index)], torch.from_numpy(expected[index] / 255.0).float()
+    crops = [dataset[(3, index)] for index in range(len(store))]
+    for crop, stored in zip(crops, expected):
+        stored = torch.from_numpy(np.ascontiguousarray(stored))
         assert torch.equal(crop, stored) or torch.equal(crop, stored.flip(-1))
-        assert torch.equal(crop, dataset[(3, index)])
+    assert all(torch.equal(crop, dataset[(3, index)]) for index, crop in enumerate(crops))
+    assert torch.equal(dataset.collate(crops[:2]),
+                       torch.stack([torch.from_numpy(crop.numpy() / 255.0).float() for crop in crops[:2]]))
 
 
 def test_prepare_is_deterministic_resumes_and_refuses_a_used_folder(source, tmp_path):
@@ -187,7 +190,7 @@ def test_patches_two_ranks_share_out_the_store_and_resume_exactly(demo_store, tm
     straight = run_script([*run, *probe("probe"), f"hydra.run.dir={tmp_path / 'straight'}"], timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
     store = PatchStore(demo_store)
-    everything = sorted(crop_key(torch.from_numpy(np.array(store[i])).float().div(255)) for i in range(len(store)))
+    everything = sorted(crop_key(PatchDataset.collate([torch.from_numpy(store[i])])[0]) for i in range(len(store)))
     ranks = batches("probe")
     seen_by_epoch = []
     for epoch in range(5):

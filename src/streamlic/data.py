@@ -64,6 +64,11 @@ def concat_crops(batch: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(batch)
 
 
+def uint8_to_float_batch(batch: list[torch.Tensor]) -> torch.Tensor:
+    """Collate uint8 crops into a float32 batch in [0, 1]: ``value / 255``, load_image's value of an 8-bit pixel."""
+    return torch.stack(batch).float().div_(255)
+
+
 class ImageListDataset(Dataset):
     """Images from files or in-memory tensors, cropped for training, validation or test.
 
@@ -112,6 +117,7 @@ class ImageListDataset(Dataset):
         self.repeat = repeat
         self.seed = seed
         self.crops_per_image = crops_per_image
+        self.collate = concat_crops if crops_per_image > 1 else None  # the DataLoader's collate_fn
 
         if names is None:
             names = [self._default_name(image, i) for i, image in enumerate(images)]
@@ -159,12 +165,15 @@ class ImageListDataset(Dataset):
 
 
 class PatchDataset(Dataset):
-    """Training crops from a patch store: item ``i`` is store crop ``i`` as float32 in [0, 1].
+    """Training crops from a patch store: item ``i`` is store crop ``i``, uint8 ``[3, H, W]``.
 
     The crop is cut to ``patch_size`` at a random place (the whole stored crop when the sizes
     match) and flipped like :class:`ImageListDataset`'s, seeded the same way: with a ``seed``,
-    key ``(epoch, i)`` depends only on ``(seed, epoch, i)``.
+    key ``(epoch, i)`` depends only on ``(seed, epoch, i)``. Batches become float32 in the
+    DataLoader (:attr:`collate`): one conversion per batch, on a quarter of the bytes.
     """
+
+    collate = staticmethod(uint8_to_float_batch)
 
     def __init__(self, store: PatchStore, patch_size: PatchSize = 256, hflip: bool = True,
                  seed: int | None = None) -> None:
@@ -181,8 +190,7 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        # the copy leaves the read-only memory map; uint8 / 255 in float32 is load_image's value
-        image = torch.from_numpy(np.array(self.store[index])).float().div_(255)
+        image = torch.from_numpy(self.store[index])
         return random_crops(image, self.patch_size, self.hflip, _item_generator(self.seed, epoch, index))[0]
 
 
@@ -368,8 +376,7 @@ class StreamLICDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self._built(self.train_dataset, "train")
         # items of several crops: a batch of batch_size crops holds batch_size / crops_per_image items
-        batching = {"batch_size": self.batch_size // self.crops_per_image,
-                    "collate_fn": concat_crops if self.crops_per_image > 1 else None}
+        batching = {"batch_size": self.batch_size // self.crops_per_image, "collate_fn": dataset.collate}
         if self.seed is None:
             return self._loader(dataset, shuffle=True, **batching)
         trainer = self.trainer

@@ -210,7 +210,7 @@ def _run_shards(dst: Path, plan: dict[str, Any], shards: list[int], workers: int
 
 
 class PatchStore:
-    """The crops of a finished patch store: ``store[i]`` is crop ``i``, uint8 ``[3, H, W]``.
+    """The crops of a finished patch store: ``store[i]`` is crop ``i``, uint8 ``[3, H, W]`` (a view; do not write).
 
     Shards are memory-mapped when first read (and again in each process the store is sent
     to), so a store larger than memory costs only the crops that are read.
@@ -238,7 +238,8 @@ class PatchStore:
 
     def _mapped(self) -> list[np.ndarray]:
         if self._arrays is None:
-            arrays = [np.load(file, mmap_mode="r") for file in self._files]
+            # copy-on-write maps: torch takes them without a copy; nothing writes to them
+            arrays = [np.load(file, mmap_mode="c") for file in self._files]
             for file, array, count in zip(self._files, arrays, np.diff(self._offsets)):
                 if array.shape != (count, 3, *self.crop_size) or array.dtype != np.uint8:
                     raise DataError(f"patch store shard {file} does not match {INDEX_NAME}: {array.shape} "
