@@ -382,7 +382,7 @@ class StreamLICDataModule(L.LightningDataModule):
         trainer = self.trainer
         sampler = EpochSeededSampler(len(dataset), self.seed, trainer.world_size if trainer else 1,
                                      trainer.global_rank if trainer else 0)
-        skip = self._batches_already_trained(math.ceil(len(dataset) / batching["batch_size"]))
+        skip = self._batches_already_trained(math.ceil(len(sampler) / batching["batch_size"]))  # this rank's
         return self._loader(dataset, ResumableDataLoader, sampler=sampler, skip_batches=skip, **batching)
 
     def _batches_already_trained(self, batches_per_epoch: int) -> int:
