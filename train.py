@@ -47,7 +47,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks import (STAGE_CHECKPOINT_KEY, STAGE_CHECKPOINT_NAMES, NonFiniteLossError, RunRecord, StageSchedule,
+from callbacks import (STAGE_CHECKPOINT_NAMES, NonFiniteLossError, RunRecord, StageSchedule,
                        invocation, parse_schedule, read_finished_stages, read_run_record)
 from streamlic.config import ConfigError
 from streamlic.images import DataError
@@ -254,10 +254,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     invocations = [invocation(overrides, cfg.ckpt_path)]
     if cfg.ckpt_path:
         checkpoint = load_resume_checkpoint(cfg.ckpt_path)
-        if checkpoint.get(STAGE_CHECKPOINT_KEY):
-            raise CheckpointError(f"ckpt_path={cfg.ckpt_path}: a stage checkpoint holds no optimizer state and "
-                                  "cannot resume a run; resume from the run's checkpoints/last.ckpt, or start a new "
-                                  "run from this stage with init_from=")
         record = read_run_record(checkpoint)
         if record is None:
             log.warning("ckpt_path=%s holds no stored config (a checkpoint of an older release): the run resumes "

@@ -221,3 +221,25 @@ def sparsity_config(cfg: Any = None) -> SparsityConfig:
 
 W12A12 = HardwareConfig()
 W8A8 = HardwareConfig(activation_bits=8, weight_bits=8, precision_bits=12, name="w8a8")
+
+
+# Before QAT no integer exists: a float checkpoint fits every datapath of its block size (the
+# masks are cut in PI x PO blocks); from QAT on its scales were captured for its own bit widths.
+FLOAT_CHECKPOINT_HARDWARE_KEYS = ("block_in", "block_out")
+
+
+def config_mismatch(saved: dict[str, Any], mine: dict[str, Any], scales_frozen: bool) -> tuple[str, Any, Any] | None:
+    """The first (key, checkpoint value, model value) by which a checkpoint's stored config does not fit a model's.
+
+    ``saved`` and ``mine`` are ``{"model": ..., "hardware": ...}`` as the model's state stores them;
+    ``scales_frozen``: the checkpoint is in QAT or later.
+    """
+    for key, value in (saved.get("model") or {}).items():
+        if mine["model"].get(key) != value:
+            return f"model.{key}", value, mine["model"].get(key)
+    hardware = saved.get("hardware") or {}
+    keys = [key for key in hardware if key != "name"] if scales_frozen else FLOAT_CHECKPOINT_HARDWARE_KEYS
+    for key in keys:
+        if key in hardware and mine["hardware"].get(key) != hardware[key]:
+            return f"hardware.{key}", hardware[key], mine["hardware"].get(key)
+    return None
