@@ -133,6 +133,15 @@ def read_finished_stages(checkpoint: Mapping[str, Any]) -> list[str] | None:
     return None
 
 
+def schedule_epochs_done(checkpoint: Mapping[str, Any]) -> int | None:
+    """Schedule epochs a Lightning checkpoint's run has completed (``None``: no StageSchedule state)."""
+    state = next((state for key, state in checkpoint.get("callbacks", {}).items()
+                  if key.startswith(StageSchedule.__qualname__) and isinstance(state, dict)), None)
+    if state is None:
+        return None
+    return state["epoch_offset"] + checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+
+
 class StageSchedule(Callback):
     """Runs the stage schedule; see the module docstring.
 
