@@ -295,6 +295,7 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     try:
         if any(arg.startswith("ckpt_path=") for arg in sys.argv[1:]):
+            quiet_dependencies()  # before the import below loads compressai and Lightning
             from callbacks import read_run_record
 
             sys.argv[1:] = resume_arguments(sys.argv[1:], read_run_record)

@@ -157,35 +157,52 @@ KILLED_RUN = [*TINY, *schedule(), "data.repeat=2", "test=false", "checkpoint.eve
               "module.lmbda=0.05", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false"]
 
 
+def _stop_mid_epoch(out: Path, sig: signal.Signals, steps_per_epoch: int) -> tuple[subprocess.Popen, int]:
+    """Start ``KILLED_RUN`` into ``out`` and send ``sig`` once last.ckpt is mid-epoch after the first epoch.
+
+    Returns the process (still running for a signal it handles; its stderr goes to ``out.stderr``)
+    and the step last.ckpt held then.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".stderr"), "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *KILLED_RUN, f"hydra.run.dir={out}"],
+                                cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    last, stopped_at = out / "checkpoints" / "last.ckpt", None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            step = _checkpoint(last)["global_step"] if last.is_file() else 0
+        except Exception:  # noqa: BLE001 - a checkpoint being replaced right now
+            step = 0
+        if step > steps_per_epoch and step % steps_per_epoch:
+            proc.send_signal(sig)
+            stopped_at = step
+            break
+        time.sleep(0.05)
+    if stopped_at is None:
+        proc.kill()
+    assert stopped_at is not None, "the run finished or stalled before it could be stopped mid-epoch"
+    return proc, stopped_at
+
+
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory):
     """A run with non-default overrides, SIGKILLed mid-epoch, and the same run left uninterrupted."""
     root = tmp_path_factory.mktemp("killed")
     out = root / "run"
     steps_per_epoch = 5  # 10 crops, batch 2
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *KILLED_RUN, f"hydra.run.dir={out}"], cwd=ROOT,
-                            env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last, killed_at = out / "checkpoints" / "last.ckpt", None
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                step = _checkpoint(last)["global_step"] if last.is_file() else 0
-            except Exception:  # noqa: BLE001 - a checkpoint being replaced right now
-                step = 0
-            if step > steps_per_epoch and step % steps_per_epoch:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-            time.sleep(0.05)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert killed_at is not None, "the run finished or stalled before it could be killed mid-epoch"
+    proc, _ = _stop_mid_epoch(out, signal.SIGKILL, steps_per_epoch)
+    proc.wait()
     assert not (out / "results.json").exists()
     straight = run_script([*KILLED_RUN, f"hydra.run.dir={root / 'straight'}"], timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
     return out, root / "straight", steps_per_epoch
+
+
+def _differing_weights(a: Path, b: Path) -> list[str]:
+    state_a, state_b = _model_state(a), _model_state(b)
+    assert state_a.keys() == state_b.keys()
+    return [k for k, v in state_a.items() if not torch.equal(v, state_b[k])]
 
 
 @pytest.mark.slow
@@ -214,15 +231,65 @@ def test_sigkill_then_resume_with_ckpt_path_alone_is_the_same_run(killed_run):
         return json.loads(json.dumps({**record["config"], "ckpt_path": None}).replace(str(run_dir), "RUN"))
 
     assert run_config(resumed_record, out) == run_config(straight_record, straight)
-    assert _model_state(last).keys() == _model_state(straight / "checkpoints" / "last.ckpt").keys()
-    different = [k for k, v in _model_state(last).items()
-                 if not torch.equal(v, _model_state(straight / "checkpoints" / "last.ckpt")[k])]
+    different = _differing_weights(last, straight / "checkpoints" / "last.ckpt")
     assert not different, f"resumed run differs in {different[:5]}"
     # the record keeps both invocations: Hydra's original files and the resume's, and both in results.json
     assert "module.lmbda=0.05" in (out / ".hydra" / "overrides.yaml").read_text()
     assert f"ckpt_path={last}" in (out / ".hydra" / "resume-1" / "overrides.yaml").read_text()
     assert [entry["ckpt_path"] for entry in results["invocations"]] == [None, str(last)]
     assert "module.lmbda=0.05" in results["invocations"][0]["overrides"]
+
+
+@pytest.mark.slow
+def test_sigint_stops_after_the_step_and_the_printed_command_resumes_the_same_run(killed_run, tmp_path):
+    _, straight, steps_per_epoch = killed_run
+    out = tmp_path / "run"
+    proc, _ = _stop_mid_epoch(out, signal.SIGINT, steps_per_epoch)
+    proc.wait(timeout=120)
+    stderr = out.with_suffix(".stderr").read_text()
+    assert proc.returncode == 130, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("INTERRUPTED")]
+    assert len(lines) == 1, stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    stop = results["interrupted"]
+    assert results["status"] == "interrupted" and stop["signal"] == "SIGINT"
+    assert stop["step"] % steps_per_epoch and stop["stage"] == STAGES[stop["epoch"]]  # one epoch per stage here
+    last = out / "checkpoints" / "last.ckpt"
+    assert _checkpoint(last)["global_step"] == stop["step"]  # saved at the step it stopped after
+    command = lines[0].split("resume with: ", 1)[1].split()
+    assert command[0] == "python" and command[2:] == [f"ckpt_path={last}"]
+    done = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["status"] == "finished"
+    different = _differing_weights(last, straight / "checkpoints" / "last.ckpt")
+    assert not different, f"resumed run differs in {different[:5]}"
+    # resuming the finished run says so and touches nothing
+    written = {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file()}
+    again = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=script_env(), capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "already trained" in again.stderr, again.stderr[-3000:]
+    assert {path: mtime for path, mtime in written.items() if ".hydra" not in path.parts
+            and path.suffix != ".log"} == {path: path.stat().st_mtime_ns for path in out.rglob("*")
+                                          if path.is_file() and ".hydra" not in path.parts and path.suffix != ".log"}
+
+
+@pytest.mark.slow
+def test_resume_from_a_stage_checkpoint_alone_gives_the_uninterrupted_results(killed_run):
+    _, straight, _ = killed_run
+    stage2 = straight / "checkpoints" / STAGE_CHECKPOINT_NAMES["mask"]
+    uninterrupted = json.loads((straight / "results.json").read_text())
+    refused = run_script([f"ckpt_path={stage2}", "module.lmbda=0.02"], timeout=120)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith("ERROR ") and "module.lmbda (run: 0.05, now: 0.02)" in refused.stderr
+    done = run_script([f"ckpt_path={stage2}"], timeout=300)  # resumes at stage 3 in the run's own directory
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads((straight / "results.json").read_text())
+    assert resumed["status"] == "finished"
+    assert [row["stage"] for row in resumed["stage_report"]] == list(STAGES)
+    for key in ("val", "stage_report", "context_macs_per_pixel"):
+        assert resumed[key] == uninterrupted[key], key
+    assert [entry["ckpt_path"] for entry in resumed["invocations"]] == [None, str(stage2)]
 
 
 @pytest.mark.parametrize("overrides, error", [
