@@ -3,6 +3,7 @@ bit widths with what the checkpoint fixes taken from it, and one ERROR line for 
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -98,3 +99,22 @@ def test_a_command_line_mistake_is_one_error_line_and_leaves_nothing(tmp_path, o
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [error.format(**names)], done.stderr
     assert list(run_dir.iterdir()) == [], "a run that never trained left files behind"
+
+
+@pytest.mark.slow
+def test_the_readme_hardware_sweep_from_one_stage2_checkpoint(hardware_runs, tmp_path):
+    stage2 = hardware_runs / "w12a12" / "checkpoints" / STAGE_CHECKPOINT_NAMES["mask"]
+    sweep = tmp_path / "sweep"
+    # the README's command, with the tiny test schedule and data
+    done = run_script(["-m", f"init_from={stage2}", "hardware=w12a12,w8a8", "module.lmbda=0.0067,0.013",
+                       *NOT_FROM_CHECKPOINT, *schedule(), "trainer.limit_train_batches=2", "test=false",
+                       "export=false", f"hydra.sweep.dir={sweep}"], timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(sweep / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["overrides"].split()[1:3] for row in rows] == [
+        [f"hardware={hw}", f"module.lmbda={lmbda}"] for hw in ("w12a12", "w8a8") for lmbda in ("0.0067", "0.013")]
+    assert all(row["status"] == "finished" and row["stage"] == "pdf" for row in rows)
+    for job, hw in enumerate(("w12a12", "w12a12", "w8a8", "w8a8")):
+        results = json.loads((sweep / str(job) / "results.json").read_text())
+        assert results["hardware"] == hw and results["stage_report"][0]["stage"] == "qat"
