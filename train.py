@@ -283,9 +283,11 @@ def main(cfg: DictConfig) -> None:
         print(f"INTERRUPTED ({stop['signal']}) at stage {stop['stage']}, epoch {stop['epoch']}, step {stop['step']}; "
               f"resume with: python {shlex.quote(sys.argv[0])} ckpt_path={shlex.quote(stop['checkpoint'])}",
               file=sys.stderr)
-        if multirun:  # the sweep stops here: the summary of the jobs so far, then out
-            summary = instantiate(hydra_cfg.callbacks.sweep_summary)
-            summary.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": hydra_cfg.sweep.dir}}}))
+        if multirun:  # the sweep stops here, with the summary of its jobs so far
+            from streamlic.sweep import write_summary
+
+            summary = hydra_cfg.callbacks.get("sweep_summary") or {}
+            write_summary(hydra_cfg.sweep.dir, reference=summary.get("reference"))
         sys.exit(130)
     elif results["status"] != "finished" and not multirun:
         print(f"ERROR run {results['status']}: {results.get('message', '')}", file=sys.stderr)
