@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import fixedpoint as fxp
 from . import topology
-from .config import HardwareConfig, ModelConfig, config_mismatch, hardware_config, model_config, sparsity_config
+from .config import HardwareConfig, ModelConfig, checkpoint_fixed, hardware_config, model_config, sparsity_config
 from .entropy import RectifiedPDF, bottleneck_pmf_table, gaussian_pmf_table
 from .layers import (LAGC, ChannelAddition, FGPConv2d, IntegerParameters, QConv2d, QLeakyReLU, QuantLayer,
                      QUpsampleConv2d, RangeTracker, straight_through)
@@ -215,11 +215,11 @@ class StreamLIC(StageState, CompressionModel):
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"model state version {state.get('version')!r}: this StreamLIC reads version "
                              f"{STATE_VERSION} (and upgrades version 1); the checkpoint was written by a newer release")
-        mismatch = config_mismatch(state.get("config", {}), self.get_extra_state()["config"],
-                                   "scales" in state.get("prepared", ()))
-        if mismatch:
-            key, saved, mine = mismatch
-            raise ValueError(f"checkpoint was made with {key}={saved}, this model has {key}={mine}")
+        mine = {f"{group}.{key}": value for group, values in self.get_extra_state()["config"].items()
+                for key, value in values.items()}
+        for key, saved in checkpoint_fixed(state.get("config", {}), state.get("prepared", ())).items():
+            if key.split(".")[0] in ("model", "hardware") and key != "hardware.name" and mine.get(key) != saved:
+                raise ValueError(f"checkpoint was made with {key}={saved}, this model has {key}={mine.get(key)}")
         self.load_stage_state(state)
 
     @staticmethod

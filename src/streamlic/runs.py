@@ -15,7 +15,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError
+from .config import ConfigError, checkpoint_fixed
 from .stage import STAGES
 
 # Keys a resumed run (ckpt_path=) may change: where and how it runs and what it writes, never
@@ -30,12 +30,6 @@ RESUME_RECORD_DIR = ".hydra"  # a resume's Hydra record goes to .hydra/resume-<n
 # Numbers the command line sets most often, checked before anything is imported: (key, may be null)
 POSITIVE_NUMBERS = (("module.lmbda", False), ("module.learning_rate", False), ("module.aux_learning_rate", False),
                     ("module.clip_grad_norm", True))
-
-# What a stage checkpoint fixes for a run started from it (init_from=), by what its model has done:
-# the sizes always; the block size always (the masks and the statistics they are cut from are
-# PI x PO blocks); every bit width once the scales are frozen (QAT); the sparsity once the masks are cut.
-FLOAT_FIXED_HARDWARE_KEYS = ("block_in", "block_out")
-
 
 class CheckpointError(ValueError):
     """A checkpoint given on the command line cannot be used (the message names it)."""
@@ -168,16 +162,10 @@ def init_from_config(cfg: DictConfig, checkpoint: dict[str, Any], overrides: lis
     does not set it; a command-line value that contradicts the checkpoint is one ConfigError naming both."""
     path = cfg.init_from
     extra = model_state(checkpoint, path)["_extra_state"]
-    saved, prepared, stage = extra["config"], set(extra.get("prepared", ())), extra.get("stage")
+    prepared, stage = set(extra.get("prepared", ())), extra.get("stage")
     if stage == STAGES[-1]:
         raise ConfigError(f"init_from={path}: the checkpoint is in the last stage ({stage}); nothing is left to train")
-    fixed = {f"model.{key}": value for key, value in saved["model"].items()}
-    hardware_keys = [k for k in saved["hardware"] if k != "name"] if "scales" in prepared else FLOAT_FIXED_HARDWARE_KEYS
-    fixed.update({f"hardware.{key}": saved["hardware"][key] for key in hardware_keys})
-    if "scales" in prepared:
-        fixed["hardware.name"] = saved["hardware"]["name"]
-    if "masks" in prepared:
-        fixed.update({f"sparsity.{key}": value for key, value in saved["sparsity"].items()})
+    fixed = checkpoint_fixed(extra["config"], prepared)
     why = {"model": "its model sizes", "hardware": f"its stage ({stage})", "sparsity": "its masks, already cut"}
     hint = {"hardware": "; a different bit width starts from a checkpoint before QAT (stage1-aun.ckpt or "
                         "stage2-mask.ckpt)" if "scales" in prepared else "",
