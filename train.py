@@ -190,7 +190,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             init_checkpoint = load_checkpoint(cfg.init_from, "init_from")
             cfg = init_from_config(cfg, init_checkpoint, overrides)
         cfg = plain(cfg)
-    check_config(cfg)  # a resumed run's stored config too
     parse_schedule(cfg.schedule.stages)  # schedule and launcher errors before anything is built
     check_launcher(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
