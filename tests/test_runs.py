@@ -73,6 +73,8 @@ def test_init_from_a_float_checkpoint_trains_and_exports_another_bit_width(hardw
      "ERROR sparsity.density=0.5: init_from={path} has sparsity.density=None, fixed by its masks, already cut; "
      "other densities start from a stage-1 checkpoint (stage1-aun.ckpt)"),
     ("pdf", [], "ERROR init_from={path}: the checkpoint is in the last stage (pdf); nothing is left to train"),
+    ("mask", ["trainer.max_epochs=2"], "ERROR trainer.max_epochs=2: init_from={path} starts the run at stage qat, "
+                                       "schedule epoch 23, so it would train no epoch"),
 ])
 def test_a_checkpoint_config_mismatch_is_one_error_line(hardware_runs, tmp_path, stage, overrides, error):
     path = hardware_runs / "w12a12" / "checkpoints" / STAGE_CHECKPOINT_NAMES[stage]

@@ -165,6 +165,11 @@ def init_from_config(cfg: DictConfig, checkpoint: dict[str, Any], overrides: lis
     prepared, stage = set(extra.get("prepared", ())), extra.get("stage")
     if stage == STAGES[-1]:
         raise ConfigError(f"init_from={path}: the checkpoint is in the last stage ({stage}); nothing is left to train")
+    next_stage = STAGES[STAGES.index(stage) + 1]
+    start, max_epochs = OmegaConf.select(cfg, f"schedule.stages.{next_stage}.start_epoch"), cfg.trainer.get("max_epochs")
+    if isinstance(start, int) and isinstance(max_epochs, int) and 0 <= max_epochs <= start:
+        raise ConfigError(f"trainer.max_epochs={max_epochs}: init_from={path} starts the run at stage {next_stage}, "
+                          f"schedule epoch {start}, so it would train no epoch")
     fixed = checkpoint_fixed(extra["config"], prepared)
     why = {"model": "its model sizes", "hardware": f"its stage ({stage})", "sparsity": "its masks, already cut"}
     hint = {"hardware": "; a different bit width starts from a checkpoint before QAT (stage1-aun.ckpt or "
