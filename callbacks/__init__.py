@@ -20,6 +20,6 @@ from .weight_average import WeightAverage
 
 __all__ = [
     "Interruption", "LRSchedule", "NonFiniteGuard", "NonFiniteLossError", "RunInterrupted", "RunRecord",
-    "STAGE_CHECKPOINT_KEY", "STAGE_CHECKPOINT_NAMES", "StageProgressBar", "StageSchedule", "StageSpec", "invocation", "parse_schedule",
-    "WeightAverage", "read_finished_stages", "read_run_record", "schedule_epochs_done",
+    "STAGE_CHECKPOINT_KEY", "STAGE_CHECKPOINT_NAMES", "StageProgressBar", "StageSchedule", "StageSpec", "invocation",
+    "parse_schedule", "WeightAverage", "read_finished_stages", "read_run_record", "schedule_epochs_done",
 ]

@@ -28,7 +28,8 @@ class RunInterrupted(Exception):
 
     def __init__(self, signal_name: str, stage: str, epoch: int, step: int, checkpoint: str) -> None:
         super().__init__(f"{signal_name} at stage {stage}, schedule epoch {epoch}, step {step}")
-        self.signal_name, self.stage, self.epoch, self.step, self.checkpoint = signal_name, stage, epoch, step, checkpoint
+        self.signal_name, self.stage, self.epoch = signal_name, stage, epoch
+        self.step, self.checkpoint = step, checkpoint
 
     def as_dict(self) -> dict[str, Any]:
         return {"signal": self.signal_name, "stage": self.stage, "epoch": self.epoch, "step": self.step,
