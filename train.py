@@ -10,13 +10,32 @@ A run writes into its Hydra output directory: ``checkpoints/`` (stage checkpoint
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import shutil
+import shlex
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from streamlic.config import ConfigError
+from streamlic.runs import (CheckpointError, check_config, discard_unstarted_run, init_from_config, is_user_error,
+                            load_checkpoint, model_state, plain, resume_arguments, resume_config)
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from streamlic.model import StreamLIC
+
+log = logging.getLogger("streamlic.train")
 
 
 def quiet_dependencies() -> None:
@@ -31,49 +50,6 @@ def quiet_dependencies() -> None:
     # a mid-epoch checkpoint resumes exactly: the seeded training loader skips the batches already trained
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     os.environ.setdefault("WANDB_SILENT", "true")
-
-
-if __name__ == "__main__":
-    quiet_dependencies()  # before the imports below load compressai and Lightning
-
-import hydra  # noqa: E402
-import lightning as L
-import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import InstantiationException
-from hydra.types import RunMode
-from hydra.utils import instantiate
-from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
-
-from callbacks import (STAGE_CHECKPOINT_KEY, STAGE_CHECKPOINT_NAMES, NonFiniteLossError, RunRecord, StageSchedule,
-                       invocation, parse_schedule, read_finished_stages, read_run_record)
-from streamlic.config import ConfigError
-from streamlic.images import DataError
-from streamlic.export import export_package
-from streamlic.model import StreamLIC
-from streamlic.stage import STAGES
-from streamlic.sweep import context_macs_per_pixel, write_results
-
-log = logging.getLogger("streamlic.train")
-
-# Keys a resumed run (ckpt_path=) may change: where and how it runs and what it writes, never
-# what it trains. Anything else on a resume's command line that differs from the run's stored
-# config is refused (README, "Resume").
-RESUMABLE_KEYS = ("ckpt_path", "paths", "logger", "hydra", "test", "export", "checkpoint", "trainer.max_epochs",
-                  "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
-                  "trainer.enable_progress_bar", "callbacks.progress_bar", "data.num_workers", "data.pin_memory",
-                  "module.compile", "module.compile_mode")
-RESUME_RECORD_DIR = ".hydra"  # a resume's Hydra record goes to .hydra/resume-<n>, next to the original
-
-
-class CheckpointError(ValueError):
-    """A checkpoint given on the command line cannot be used (the message names it)."""
-
-
-# A user's mistake ends the run with one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
@@ -91,32 +67,23 @@ def build_model(cfg: DictConfig) -> StreamLIC:
     return _instantiate(cfg.net, _convert_="all")
 
 
-def load_init_checkpoint(model: StreamLIC, path: str | Path) -> str:
+def load_init_checkpoint(model: StreamLIC, checkpoint: dict[str, Any], path: str) -> str:
     """Load weights and stage from a stage checkpoint; returns the stage the new run starts in.
 
-    Nothing is recomputed: masks, frozen scales and tables come from the checkpoint. Its
-    masks were cut for its own sparsity config, so a different one is an error here.
+    Nothing is recomputed: masks, frozen scales and tables come from the checkpoint (whose
+    fit with the config :func:`streamlic.runs.init_from_config` has checked).
     """
-    path = Path(path)
-    state = StreamLIC.checkpoint_state_dict(path)
-    saved_sparsity = state["_extra_state"]["config"]["sparsity"]
-    model.load_state_dict(state)
-    if model.masks_set and saved_sparsity != model.sparsity_cfg.to_dict():
-        raise ConfigError(
-            f"sparsity={model.sparsity_cfg.to_dict()}: init_from={path} already has masks cut for "
-            f"sparsity={saved_sparsity}; start from a stage-1 checkpoint "
-            f"({STAGE_CHECKPOINT_NAMES['aun']}) to train other densities"
-        )
-    finished = read_finished_stages(torch.load(path, map_location="cpu", weights_only=False))
+    from callbacks import read_finished_stages
+    from streamlic.stage import STAGES
+
+    model.load_state_dict(model_state(checkpoint, path))
+    finished = read_finished_stages(checkpoint)
     if finished is not None and model.stage not in finished:
         log.warning("init_from=%s: stage %s had not finished in that run; continuing with the next stage anyway",
                     path, model.stage)
-    index = STAGES.index(model.stage)
-    if index + 1 == len(STAGES):
-        raise ConfigError(f"init_from={path}: the checkpoint is in the last stage ({model.stage}); nothing is left "
-                          "to train")
-    log.info("init_from %s: model in stage %s; this run starts at stage %s", path, model.stage, STAGES[index + 1])
-    return STAGES[index + 1]
+    next_stage = STAGES[STAGES.index(model.stage) + 1]
+    log.info("init_from %s: model in stage %s; this run starts at stage %s", path, model.stage, next_stage)
+    return next_stage
 
 
 def check_launcher(cfg: DictConfig) -> None:
@@ -170,6 +137,8 @@ def export_model(model: StreamLIC, out_dir: Path, datamodule) -> dict[str, Any]:
     if not model.scales_frozen:
         log.warning("export skipped: the model is in stage %s; exports need stage 3 (qat) or later", model.stage)
         return {"dir": None, "error": None, "skipped": f"model in stage {model.stage}"}
+    from streamlic.export import export_package
+
     test_set = datamodule.test_dataset
     image, name = (test_set[0], test_set.names[0]) if test_set is not None else (None, None)
     try:
@@ -180,104 +149,53 @@ def export_model(model: StreamLIC, out_dir: Path, datamodule) -> dict[str, Any]:
     return {"dir": str(out_dir), "error": None}
 
 
-def _override_keys(overrides: list[str]) -> list[str]:
-    """The config keys (or groups, as dotted paths) a list of command-line overrides sets."""
-    return [override.key_or_group.replace("/", ".") for override in OverridesParser.create().parse_overrides(overrides)]
-
-
-def _is_resumable(key: str) -> bool:
-    return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_KEYS)
-
-
-_ABSENT = object()
-
-
-def _plain(cfg: DictConfig) -> DictConfig:
-    """``cfg`` resolved, without Hydra's own node: the config a run is made of."""
-    run_keys = [key for key in cfg if key != "hydra"]
-    return OmegaConf.create(OmegaConf.to_container(OmegaConf.masked_copy(cfg, run_keys), resolve=True))
-
-
-def _select(cfg: DictConfig, key: str) -> Any:
-    value = OmegaConf.select(cfg, key, default=_ABSENT)
-    return OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
-
-
-def load_resume_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"ckpt_path={path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line message
-        raise CheckpointError(f"ckpt_path={path}: not a readable checkpoint ({err})") from err
-
-
-def resume_config(cfg: DictConfig, record: dict[str, Any], overrides: list[str]) -> DictConfig:
-    """The stored config of the run being resumed, with this command line's resumable overrides.
-
-    An override of any other key whose value differs from the stored one is a
-    :class:`ConfigError` naming every such key: a resumed run trains what it was started with.
-    """
-    stored = OmegaConf.create(record["config"])
-    current = _plain(cfg)
-    keys = _override_keys(overrides)
-    conflicts = [key for key in keys if not _is_resumable(key) and _select(current, key) != _select(stored, key)]
-    if conflicts:
-        shown = ", ".join(f"{key} (run: {_select(stored, key)!r}, now: {_select(current, key)!r})"
-                          for key in dict.fromkeys(conflicts))
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: a resumed run keeps its config, but this command line "
-                          f"changes {shown}; drop the override(s), or start a new run with init_from=")
-    merged = stored.copy()
-    for key in keys:
-        if not _is_resumable(key) or key.split(".")[0] == "hydra":
-            continue
-        value = OmegaConf.select(current, key, default=_ABSENT)
-        if value is _ABSENT:
-            parent, _, leaf = key.rpartition(".")
-            node = OmegaConf.select(merged, parent) if parent else merged
-            if isinstance(node, DictConfig) and leaf in node:
-                del node[leaf]
-        else:
-            OmegaConf.update(merged, key, value, force_add=True)
-    merged.ckpt_path = cfg.ckpt_path
-    return merged
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One training run; returns (and writes to ``results.json``) its results.
 
     With ``ckpt_path`` the run continues from its own checkpoint with the config stored in
-    it (:func:`resume_config`); the new invocation is appended to the run's record.
+    it (:func:`streamlic.runs.resume_config`); the new invocation is appended to the run's
+    record. With ``init_from`` what the checkpoint fixes comes from it
+    (:func:`streamlic.runs.init_from_config`).
     """
+    check_config(cfg)  # before the imports below: a mistyped value is one line within a second or two
+    quiet_dependencies()
+    import lightning as L
+    from lightning.pytorch.loggers import WandbLogger
+
+    from callbacks import (NonFiniteLossError, RunInterrupted, RunRecord, StageSchedule, invocation, parse_schedule,
+                           read_run_record, schedule_epochs_done)
+    from streamlic.stage import STAGES
+    from streamlic.sweep import context_macs_per_pixel, write_results
+
     overrides = job_overrides()
     invocations = [invocation(overrides, cfg.ckpt_path)]
+    init_checkpoint = None
     if cfg.ckpt_path:
-        checkpoint = load_resume_checkpoint(cfg.ckpt_path)
-        if checkpoint.get(STAGE_CHECKPOINT_KEY):
-            raise CheckpointError(f"ckpt_path={cfg.ckpt_path}: a stage checkpoint holds no optimizer state and "
-                                  "cannot resume a run; resume from the run's checkpoints/last.ckpt, or start a new "
-                                  "run from this stage with init_from=")
+        checkpoint = load_checkpoint(cfg.ckpt_path, "ckpt_path")
         record = read_run_record(checkpoint)
         if record is None:
             log.warning("ckpt_path=%s holds no stored config (a checkpoint of an older release): the run resumes "
                         "with the config of this command line", cfg.ckpt_path)
-            cfg = _plain(cfg)
+            cfg = plain(cfg)
         else:
             cfg = resume_config(cfg, record, overrides)
             invocations = [*record["invocations"], *invocations]
             log.info("resuming with the run's stored config (invocation %d of this run)", len(invocations))
+        done = schedule_epochs_done(checkpoint)
+        max_epochs = cfg.trainer.get("max_epochs")
+        if done is not None and max_epochs is not None and 0 <= max_epochs <= done:
+            return already_finished(cfg, done)
     else:
-        cfg = _plain(cfg)
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{', '.join(missing)}: no value given; set {'it' if len(missing) == 1 else 'them'} on "
-                          f"the command line ({missing[0]}=...)")
+        if cfg.init_from:
+            init_checkpoint = load_checkpoint(cfg.init_from, "init_from")
+            cfg = init_from_config(cfg, init_checkpoint, overrides)
+        cfg = plain(cfg)
     parse_schedule(cfg.schedule.stages)  # schedule and launcher errors before anything is built
     check_launcher(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg)
-    start_stage = load_init_checkpoint(model, cfg.init_from) if cfg.init_from else STAGES[0]
+    # a resumed run's stage callback restores its own start stage and epoch offset from the checkpoint
+    start_stage = load_init_checkpoint(model, init_checkpoint, cfg.init_from) if init_checkpoint else STAGES[0]
     datamodule = _instantiate(cfg.data)
     # data errors before a logger or an output file exists
     datamodule.setup("fit")
@@ -297,6 +215,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         except NonFiniteLossError as err:
             log.error("%s", err)
             results.update(status="stopped: non-finite loss", message=str(err))
+        except RunInterrupted as stop:
+            log.warning("run interrupted: %s; %s holds that step", stop, stop.checkpoint)
+            results.update(status="interrupted", interrupted=stop.as_dict(), message=str(stop))
         if results["status"] == "finished" and cfg.test:
             tested = trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
             results["test"] = _split_metrics(tested[0], "test/") if tested else None
@@ -327,72 +248,58 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def _discard_unstarted_run(output_dir: Path, resumed: bool) -> None:
-    """Remove what Hydra wrote for an invocation that failed before training: its record and log.
+def already_finished(cfg: DictConfig, epochs_done: int) -> dict[str, Any]:
+    """A resume of a run that has trained all its epochs: nothing runs and nothing is overwritten."""
+    from streamlic.sweep import RESULTS_FILE
 
-    Only the files Hydra creates for the invocation are removed, and then the folders that are
-    left empty; a resumed run keeps everything of its earlier invocations.
-    """
-    hydra_cfg = HydraConfig.get()
-    job_log = output_dir / f"{hydra_cfg.job.name}.log"
-    if not resumed and {path.name for path in output_dir.iterdir()} - {hydra_cfg.output_subdir, job_log.name}:
-        return  # a directory that held a run before this invocation: nothing here is ours alone
-    shutil.rmtree(output_dir / hydra_cfg.output_subdir, ignore_errors=True)
-    if not resumed:
-        job_log.unlink(missing_ok=True)
-    cwd = Path.cwd().resolve()
-    folder = output_dir.resolve()
-    while folder == output_dir.resolve() or cwd in folder.parents:  # Hydra's outputs/<date>/<time> below the cwd
-        try:
-            folder.rmdir()  # only when empty
-        except OSError:
-            break
-        folder = folder.parent
+    path = Path(cfg.paths.output_dir) / RESULTS_FILE
+    results = json.loads(path.read_text()) if path.is_file() else {"status": "finished"}
+    message = (f"ckpt_path={cfg.ckpt_path}: the run has already trained its {epochs_done} epochs "
+               f"(trainer.max_epochs={cfg.trainer.max_epochs}); nothing to do (a larger trainer.max_epochs "
+               "lengthens it)")
+    log.info("%s", message)
+    return {**results, "already_finished": message}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         results = train(cfg)
-    except USER_ERRORS as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as err:
+        if not is_user_error(err) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            _discard_unstarted_run(Path(HydraConfig.get().runtime.output_dir), bool(cfg.ckpt_path))
+        if not multirun:
+            discard_unstarted_run(Path(hydra_cfg.runtime.output_dir), bool(cfg.ckpt_path), hydra_cfg.output_subdir,
+                                  f"{hydra_cfg.job.name}.log")
         print(f"ERROR {err}", file=sys.stderr)
         sys.exit(1)
-    if results["status"] != "finished" and HydraConfig.get().mode != RunMode.MULTIRUN:
+    if "already_finished" in results:
+        print(results["already_finished"], file=sys.stderr)
+    elif results["status"] == "interrupted":
+        stop = results["interrupted"]
+        print(f"INTERRUPTED ({stop['signal']}) at stage {stop['stage']}, epoch {stop['epoch']}, step {stop['step']}; "
+              f"resume with: python {shlex.quote(sys.argv[0])} ckpt_path={shlex.quote(stop['checkpoint'])}",
+              file=sys.stderr)
+        if multirun:  # the sweep stops here, with the summary of its jobs so far
+            from streamlic.sweep import write_summary
+
+            summary = hydra_cfg.callbacks.get("sweep_summary") or {}
+            write_summary(hydra_cfg.sweep.dir, reference=summary.get("reference"))
+        sys.exit(130)
+    elif results["status"] != "finished" and not multirun:
         print(f"ERROR run {results['status']}: {results.get('message', '')}", file=sys.stderr)
         sys.exit(1)  # in a sweep the other jobs go on; the summary shows the status and fails the sweep
 
 
-def resume_arguments(argv: list[str]) -> list[str]:
-    """Command-line arguments of a resume completed so that ``ckpt_path=…`` alone is enough.
-
-    The run goes on in its own directory (``hydra.run.dir``), and Hydra's record of this
-    invocation goes to ``.hydra/resume-<n>`` instead of overwriting the run's original one.
-    """
-    ckpt = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("ckpt_path=")), None)
-    if not ckpt or any(arg in ("-m", "--multirun") for arg in argv):
-        return argv
-    record = read_run_record(load_resume_checkpoint(ckpt))
-    if record is None:
-        return argv
-    run_dir = Path(record["config"]["paths"]["output_dir"])
-    added = []
-    if not any(arg.startswith("hydra.run.dir=") for arg in argv):
-        added.append(f"hydra.run.dir={run_dir}")
-    else:
-        run_dir = Path(next(arg.split("=", 1)[1] for arg in argv if arg.startswith("hydra.run.dir=")))
-    if not any(arg.startswith("hydra.output_subdir=") for arg in argv):
-        number = 1 + len(list((run_dir / RESUME_RECORD_DIR).glob("resume-*")))
-        added.append(f"hydra.output_subdir={RESUME_RECORD_DIR}/resume-{number}")
-    return [*argv, *added]
-
-
 if __name__ == "__main__":
     try:
-        sys.argv[1:] = resume_arguments(sys.argv[1:])
+        if any(arg.startswith("ckpt_path=") for arg in sys.argv[1:]):
+            quiet_dependencies()  # before the import below loads compressai and Lightning
+            from callbacks import read_run_record
+
+            sys.argv[1:] = resume_arguments(sys.argv[1:], read_run_record)
     except CheckpointError as error:
         print(f"ERROR {error}", file=sys.stderr)
         sys.exit(1)

@@ -133,6 +133,15 @@ def read_finished_stages(checkpoint: Mapping[str, Any]) -> list[str] | None:
     return None
 
 
+def schedule_epochs_done(checkpoint: Mapping[str, Any]) -> int | None:
+    """Schedule epochs a Lightning checkpoint's run has completed (``None``: no StageSchedule state)."""
+    state = next((state for key, state in checkpoint.get("callbacks", {}).items()
+                  if key.startswith(StageSchedule.__qualname__) and isinstance(state, dict)), None)
+    if state is None:
+        return None
+    return state["epoch_offset"] + checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+
+
 class StageSchedule(Callback):
     """Runs the stage schedule; see the module docstring.
 
@@ -224,6 +233,8 @@ class StageSchedule(Callback):
             )
         for index in range(current + 1, target + 1):
             self.enter_stage(model, STAGES[index], epoch)
+        if target > current:
+            pl_module.reset_optimizer_states()
         spec = self.schedule[target]
         if self.plateau["stage"] != spec.name:  # every stage starts at its own rate
             self.plateau = {"stage": spec.name, "best": math.inf, "bad_epochs": 0, "reductions": 0}
@@ -317,11 +328,17 @@ class StageSchedule(Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self._writing_stage_checkpoint:
-            # a stage checkpoint starts new runs (init_from) and exports, which need the model and the
-            # callbacks' record but not the optimizer: without it it is 40 % of a resumable checkpoint
+            # every stage starts with fresh optimizers, so a stage checkpoint needs none to resume the
+            # run at the next stage: without them it is 40 % of a resumable checkpoint
             checkpoint.pop("optimizer_states", None)
             checkpoint.pop("lr_schedulers", None)
             checkpoint[STAGE_CHECKPOINT_KEY] = True
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get(STAGE_CHECKPOINT_KEY):
+            # resuming at the next stage, whose start resets the optimizers: Lightning restores fresh ones
+            checkpoint["optimizer_states"] = [optimizer.state_dict() for optimizer in pl_module.configure_optimizers()]
+            checkpoint["lr_schedulers"] = []
 
     # ------------------------------------------------------------------ report
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:

@@ -79,14 +79,20 @@ def checkpoint_file(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def run_killed_mid_epoch(out: Path, args: list[str], steps_per_epoch: int, timeout: float = 240,
-                         after_epochs: int = 1) -> int:
-    """Start ``python train.py ARGS`` into ``out``, SIGKILL it (all its processes) once ``last.ckpt`` is mid-epoch
-    after ``after_epochs`` epochs; returns the step it was killed at."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={out}"], cwd=ROOT,
-                            env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # its own process group: DDP ranks die with it
-    last, killed_at = out / "checkpoints" / "last.ckpt", None
+def signal_mid_epoch(out: Path, args: list[str], steps_per_epoch: int, sig: signal.Signals = signal.SIGKILL,
+                     timeout: float = 240, after_epochs: int = 1) -> tuple[subprocess.Popen, int]:
+    """Start ``python train.py ARGS`` into ``out`` and send ``sig`` to its process group (as a terminal's
+    Ctrl-C does; DDP ranks get it too) once ``last.ckpt`` is mid-epoch after ``after_epochs`` epochs.
+
+    Returns the process (still running for a signal it handles; its stderr goes to ``out.stderr``)
+    and the step ``last.ckpt`` held then.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".stderr"), "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={out}"], cwd=ROOT,
+                                env=script_env(), stdout=subprocess.DEVNULL, stderr=stderr,
+                                start_new_session=True)  # its own process group
+    last, stopped_at = out / "checkpoints" / "last.ckpt", None
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:
@@ -95,15 +101,23 @@ def run_killed_mid_epoch(out: Path, args: list[str], steps_per_epoch: int, timeo
             except Exception:  # noqa: BLE001 - a checkpoint being replaced right now
                 step = 0
             if step > after_epochs * steps_per_epoch and step % steps_per_epoch:
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed_at = step
+                os.killpg(proc.pid, sig)
+                stopped_at = step
                 break
             time.sleep(0.05)
     finally:
-        if proc.poll() is None:
+        if stopped_at is None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert killed_at is not None, "the run finished or stalled before it could be killed mid-epoch"
+            proc.wait()
+    assert stopped_at is not None, "the run finished or stalled before it could be stopped mid-epoch"
+    return proc, stopped_at
+
+
+def run_killed_mid_epoch(out: Path, args: list[str], steps_per_epoch: int, timeout: float = 240,
+                         after_epochs: int = 1) -> int:
+    """:func:`signal_mid_epoch` with SIGKILL, waited for; returns the step it was killed at."""
+    proc, killed_at = signal_mid_epoch(out, args, steps_per_epoch, signal.SIGKILL, timeout, after_epochs)
+    proc.wait()
     assert not (out / "results.json").exists()
     return killed_at
 

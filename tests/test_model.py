@@ -310,7 +310,8 @@ def test_a_qat_step_forms_all_integers_together_exactly_as_each_layer_alone(stag
         expected = torch.round(w / scale) * (layer.mask if getattr(layer, "masked", False) else 1)
         assert torch.equal(together[0].double(), expected), name
         if not getattr(layer, "pdf_index", False):
-            s_out = layer.act_absmax.double() / hw.act_max
+            # a fixed-scale layer outputs at 2**-(A-8); the others at their range over 2**(A-1) - 1
+            s_out = layer.act_absmax.double() / hw.act_max if layer.fixed_scale is None else hw.latent_scale
             b_q = torch.clamp(torch.round(2.0**hw.residual_bits * layer.bias.double() / s_out), -hw.bias_max, hw.bias_max)
             assert torch.equal(together[1].view(-1).double(), b_q + 2.0 ** (hw.residual_bits - 1)), name
 

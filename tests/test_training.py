@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from _training import (TINY, checkpoint_file, compose_config, load_train_module, probe_overrides,
-                       run_killed_mid_epoch, run_script, run_training, schedule)
+from _training import (ROOT, TINY, checkpoint_file, compose_config, load_train_module, probe_overrides,
+                       run_killed_mid_epoch, run_script, run_training, schedule, script_env, signal_mid_epoch)
 from callbacks import STAGE_CHECKPOINT_NAMES, NonFiniteLossError, read_finished_stages, read_run_record
 from streamlic.config import ConfigError
 from streamlic.images import DataError
@@ -60,14 +63,11 @@ def test_five_stages_write_checkpoints_report_and_results(five_stage_run):
         assert state["state_dict"]["model._extra_state"] is not None
         assert StreamLIC.from_checkpoint(path).stage == stage  # the stage travels in the checkpoint
         assert read_finished_stages(state)[-1] == stage
-        assert "optimizer_states" not in state  # a stage checkpoint starts runs; last.ckpt resumes them
+        assert "optimizer_states" not in state  # every stage starts with fresh optimizers: a stage checkpoint needs none
         assert read_run_record(state)["config"]["model"]["M"] == 24
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert "optimizer_states" in _checkpoint(out / "checkpoints" / "last.ckpt")
     assert not list((out / "checkpoints").glob("epoch*.ckpt"))  # epoch checkpoints only on request
-    # a stage checkpoint cannot resume: one clear error before anything is built
-    with pytest.raises(ValueError, match="stage checkpoint.*last.ckpt.*init_from"):
-        run_training(out / "resume", [f"ckpt_path={out / 'checkpoints' / STAGE_CHECKPOINT_NAMES['qat']}"])
 
     report = json.loads((out / "stage_report.json").read_text())
     assert [row["stage"] for row in report["stages"]] == list(STAGES)
@@ -163,6 +163,12 @@ def killed_run(tmp_path_factory):
     return root / "run", root / "straight", steps_per_epoch
 
 
+def _differing_weights(a: Path, b: Path) -> list[str]:
+    state_a, state_b = _model_state(a), _model_state(b)
+    assert state_a.keys() == state_b.keys()
+    return [k for k, v in state_a.items() if not torch.equal(v, state_b[k])]
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_with_ckpt_path_alone_is_the_same_run(killed_run):
     out, straight, steps_per_epoch = killed_run
@@ -189,15 +195,65 @@ def test_sigkill_then_resume_with_ckpt_path_alone_is_the_same_run(killed_run):
         return json.loads(json.dumps({**record["config"], "ckpt_path": None}).replace(str(run_dir), "RUN"))
 
     assert run_config(resumed_record, out) == run_config(straight_record, straight)
-    assert _model_state(last).keys() == _model_state(straight / "checkpoints" / "last.ckpt").keys()
-    different = [k for k, v in _model_state(last).items()
-                 if not torch.equal(v, _model_state(straight / "checkpoints" / "last.ckpt")[k])]
+    different = _differing_weights(last, straight / "checkpoints" / "last.ckpt")
     assert not different, f"resumed run differs in {different[:5]}"
     # the record keeps both invocations: Hydra's original files and the resume's, and both in results.json
     assert "module.lmbda=0.05" in (out / ".hydra" / "overrides.yaml").read_text()
     assert f"ckpt_path={last}" in (out / ".hydra" / "resume-1" / "overrides.yaml").read_text()
     assert [entry["ckpt_path"] for entry in results["invocations"]] == [None, str(last)]
     assert "module.lmbda=0.05" in results["invocations"][0]["overrides"]
+
+
+@pytest.mark.slow
+def test_sigint_stops_after_the_step_and_the_printed_command_resumes_the_same_run(killed_run, tmp_path):
+    _, straight, steps_per_epoch = killed_run
+    out = tmp_path / "run"
+    proc, _ = signal_mid_epoch(out, KILLED_RUN, steps_per_epoch, signal.SIGINT)
+    proc.wait(timeout=120)
+    stderr = out.with_suffix(".stderr").read_text()
+    assert proc.returncode == 130, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("INTERRUPTED")]
+    assert len(lines) == 1, stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    stop = results["interrupted"]
+    assert results["status"] == "interrupted" and stop["signal"] == "SIGINT"
+    assert stop["step"] % steps_per_epoch and stop["stage"] == STAGES[stop["epoch"]]  # one epoch per stage here
+    last = out / "checkpoints" / "last.ckpt"
+    assert _checkpoint(last)["global_step"] == stop["step"]  # saved at the step it stopped after
+    command = lines[0].split("resume with: ", 1)[1].split()
+    assert command[0] == "python" and command[2:] == [f"ckpt_path={last}"]
+    done = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["status"] == "finished"
+    different = _differing_weights(last, straight / "checkpoints" / "last.ckpt")
+    assert not different, f"resumed run differs in {different[:5]}"
+    # resuming the finished run says so and touches nothing
+    written = {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file()}
+    again = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=script_env(), capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "already trained" in again.stderr, again.stderr[-3000:]
+    assert {path: mtime for path, mtime in written.items() if ".hydra" not in path.parts
+            and path.suffix != ".log"} == {path: path.stat().st_mtime_ns for path in out.rglob("*")
+                                          if path.is_file() and ".hydra" not in path.parts and path.suffix != ".log"}
+
+
+@pytest.mark.slow
+def test_resume_from_a_stage_checkpoint_alone_gives_the_uninterrupted_results(killed_run):
+    _, straight, _ = killed_run
+    stage2 = straight / "checkpoints" / STAGE_CHECKPOINT_NAMES["mask"]
+    uninterrupted = json.loads((straight / "results.json").read_text())
+    refused = run_script([f"ckpt_path={stage2}", "module.lmbda=0.02"], timeout=120)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith("ERROR ") and "module.lmbda (run: 0.05, now: 0.02)" in refused.stderr
+    done = run_script([f"ckpt_path={stage2}"], timeout=300)  # resumes at stage 3 in the run's own directory
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads((straight / "results.json").read_text())
+    assert resumed["status"] == "finished"
+    assert [row["stage"] for row in resumed["stage_report"]] == list(STAGES)
+    for key in ("val", "stage_report", "context_macs_per_pixel"):
+        assert resumed[key] == uninterrupted[key], key
+    assert [entry["ckpt_path"] for entry in resumed["invocations"]] == [None, str(stage2)]
 
 
 @pytest.mark.parametrize("overrides, error", [
@@ -245,7 +301,7 @@ def test_init_from_with_other_density_after_masks_is_a_config_error(tmp_path):
     path = tmp_path / "stage2.pt"
     torch.save(model.state_dict(), path)
     cfg = compose_config(tmp_path / "run", [*TINY, f"init_from={path}", "sparsity.density=0.5"])
-    with pytest.raises(ConfigError, match=r"sparsity.*masks cut"):
+    with pytest.raises(ConfigError, match=r"sparsity\.density=0\.5: init_from=.*masks, already cut"):
         load_train_module().train(cfg)
     assert not (tmp_path / "run").exists()
 

@@ -7,7 +7,7 @@ breaks the constraint, so a bad sweep value fails in milliseconds instead of mid
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 
 class ConfigError(ValueError):
@@ -221,3 +221,24 @@ def sparsity_config(cfg: Any = None) -> SparsityConfig:
 
 W12A12 = HardwareConfig()
 W8A8 = HardwareConfig(activation_bits=8, weight_bits=8, precision_bits=12, name="w8a8")
+
+
+# Before QAT no integer exists: a float checkpoint fits every datapath of its block size (the
+# statistics and masks are PI x PO blocks); from QAT on its scales were captured for its own bit widths.
+FLOAT_CHECKPOINT_HARDWARE_KEYS = ("block_in", "block_out")
+
+
+def checkpoint_fixed(saved: Mapping[str, Any], prepared: Collection[str]) -> dict[str, Any]:
+    """What a checkpoint fixes for a model or run built from it, as ``{"group.key": value}``.
+
+    ``saved`` is the ``{"model", "hardware", "sparsity"}`` config its model state stores and
+    ``prepared`` its preparations: the sizes always; the block size always and every hardware
+    value once the scales are frozen; the sparsity once the masks are cut.
+    """
+    fixed = {f"model.{key}": value for key, value in (saved.get("model") or {}).items()}
+    hardware = saved.get("hardware") or {}
+    keys = list(hardware) if "scales" in prepared else FLOAT_CHECKPOINT_HARDWARE_KEYS
+    fixed.update({f"hardware.{key}": hardware[key] for key in keys if key in hardware})
+    if "masks" in prepared:
+        fixed.update({f"sparsity.{key}": value for key, value in (saved.get("sparsity") or {}).items()})
+    return fixed

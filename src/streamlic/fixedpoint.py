@@ -241,6 +241,19 @@ def quantize_image(x: Tensor, hw: HardwareConfig) -> Tensor:
     return torch.floor(x * (2 * hw.image_max) + 0.5) - hw.image_max
 
 
+# The float stages (1 and 2) compute the fixed-scale outputs (latent, hyper, ctx2, ep and the
+# channel addition) on the grid and in the range of the 12-bit datapath, whatever the hardware
+# config: float training does not depend on the bit widths, and QAT entry moves every layer to
+# the hardware's own grid 2**-(A-8) (docs/fixed-point.md, "Float stages").
+FLOAT_STAGE_HARDWARE = HardwareConfig()
+
+
+def fixed_scale_range(hw: HardwareConfig, latent: bool) -> tuple[float, float]:
+    """Grid step and real bound of a fixed-scale output (``latent``: the latent ``y``) on datapath ``hw``."""
+    bound = latent_bound(hw) if latent else hw.act_max
+    return hw.latent_scale, bound * hw.latent_scale
+
+
 def latent_bound(hw: HardwareConfig) -> int:
     """Latent ``y`` at scale ``2**-(A-8)`` keeps the 8-bit symbol range: +-127 * 2**(A-8)."""
     return SYMBOL_MAX * 2**hw.latent_shift

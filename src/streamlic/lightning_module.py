@@ -9,7 +9,9 @@ the EntropyBottleneck quantiles (the "main" one), and Adam over the quantiles fo
 compressai's auxiliary loss. The main optimizer always holds *all* main parameters in one
 group, whatever the stage: frozen parameters simply have no gradient, and Adam leaves a
 parameter without a gradient untouched. So the parameter groups are the same in every
-stage and after every resume.
+stage and after every resume. Every stage starts with fresh optimizer state
+(:meth:`StreamLICModule.reset_optimizer_states`): a stage checkpoint, which holds none,
+resumes exactly.
 """
 
 from __future__ import annotations
@@ -229,6 +231,12 @@ class StreamLICModule(L.LightningModule):
         for name, parameter in self.model.named_parameters():
             (aux if name.endswith(AUX_PARAMETER_SUFFIX) else main).append(parameter)
         return [torch.optim.Adam(main, lr=self.learning_rate), torch.optim.Adam(aux, lr=self.aux_learning_rate)]
+
+    def reset_optimizer_states(self) -> None:
+        """Drop both optimizers' moments and step counts: a new stage trains other numerics (or other
+        parameters) and starts as a fresh Adam would, so nothing of the previous stage carries over."""
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()
 
     def set_learning_rate(self, lr: float) -> None:
         """Learning rate of the main optimizer (the stage callback calls this every epoch)."""

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import fixedpoint as fxp
 from . import topology
-from .config import ModelConfig, hardware_config, model_config, sparsity_config
+from .config import HardwareConfig, ModelConfig, checkpoint_fixed, hardware_config, model_config, sparsity_config
 from .entropy import RectifiedPDF, bottleneck_pmf_table, gaussian_pmf_table
 from .layers import (LAGC, ChannelAddition, FGPConv2d, IntegerParameters, QConv2d, QLeakyReLU, QuantLayer,
                      QUpsampleConv2d, RangeTracker, straight_through)
@@ -103,7 +103,7 @@ class StreamLIC(StageState, CompressionModel):
                 "context_prediction": ls, "entropy_parameters": ls}
 
     def _quant_modules(self):
-        return [m for m in self.modules() if isinstance(m, (QuantLayer, QLeakyReLU))]
+        return [m for m in self.modules() if isinstance(m, (QuantLayer, QLeakyReLU, ChannelAddition))]
 
     # ------------------------------------------------------------------ stage preparations (streamlic.stage)
     def _freeze_scales(self) -> None:
@@ -215,11 +215,11 @@ class StreamLIC(StageState, CompressionModel):
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"model state version {state.get('version')!r}: this StreamLIC reads version "
                              f"{STATE_VERSION} (and upgrades version 1); the checkpoint was written by a newer release")
-        saved = state.get("config", {})
-        mine = self.get_extra_state()["config"]
-        for key in ("model", "hardware"):
-            if key in saved and saved[key] != mine[key]:
-                raise ValueError(f"checkpoint was made with {key}={saved[key]}, this model has {key}={mine[key]}")
+        mine = {f"{group}.{key}": value for group, values in self.get_extra_state()["config"].items()
+                for key, value in values.items()}
+        for key, saved in checkpoint_fixed(state.get("config", {}), state.get("prepared", ())).items():
+            if key.split(".")[0] in ("model", "hardware") and key != "hardware.name" and mine.get(key) != saved:
+                raise ValueError(f"checkpoint was made with {key}={saved}, this model has {key}={mine.get(key)}")
         self.load_stage_state(state)
 
     @staticmethod
@@ -282,9 +282,15 @@ class StreamLIC(StageState, CompressionModel):
             index = torch.clamp(torch.floor(fxp.scale_index_from_v(odd.detach()) + 0.5), 0, fxp.SCALE_LEVELS - 1)
         return means, sigma, index
 
+    @property
+    def grid_hw(self) -> HardwareConfig:
+        """The datapath whose latent grid and ranges the stage computes on: ``hw`` from QAT on, before it
+        :data:`fixedpoint.FLOAT_STAGE_HARDWARE` (float training does not depend on the bit widths)."""
+        return self.hw if self.quantized else fxp.FLOAT_STAGE_HARDWARE
+
     def hyper_symbols(self, z: Tensor) -> Tensor:
-        ls = self.hw.latent_scale
-        return fxp.hyper_symbols(z.detach() / ls, self.hw)
+        hw = self.grid_hw
+        return fxp.hyper_symbols(z.detach() / hw.latent_scale, hw)
 
     @torch.no_grad()
     def decode_rows(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -294,7 +300,7 @@ class StreamLIC(StageState, CompressionModel):
         latent row is predicted at once from the three rows above it (:meth:`decode_row`; a
         compiled evaluation runs it through one compiled graph, see :meth:`rows_through`).
         """
-        ls = self.hw.latent_scale
+        ls = self.grid_hw.latent_scale
         b, c, height, width = y.shape
         padded = y.new_zeros(b, c, height + 3, width + 2)
         y_q = y / ls
@@ -313,7 +319,8 @@ class StreamLIC(StageState, CompressionModel):
     def decode_row(self, window: Tensor, params_row: Tensor, y_q_row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One latent row from the three decoded rows above it (``window``, padded): ŷ of the row, its
         symbols before their clamp and its entropy-parameter output."""
-        hw, ls = self.hw, self.hw.latent_scale
+        hw = self.grid_hw
+        ls = hw.latent_scale
         ep = self.entropy_params(params_row, self.context_prediction(window))
         mu_q = ep[:, 0::2] / ls
         residual = fxp.symbol_residual(y_q_row, mu_q, hw)
@@ -422,16 +429,18 @@ class StreamLIC(StageState, CompressionModel):
 def _build_layer(spec: topology.LayerSpec, hw, sp) -> nn.Module:
     """The module of one row of the network table."""
     fixed = hw.latent_scale if spec.fixed_scale else None
+    latent = spec.role == "latent"
+    float_range = fxp.fixed_scale_range(fxp.FLOAT_STAGE_HARDWARE, latent) if spec.fixed_scale else None
     if spec.kind == topology.CONV:
-        bound = fxp.latent_bound(hw) if spec.role == "latent" else None
+        bound = fxp.latent_bound(hw) if latent else None
         return QConv2d(spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding, hw=hw,
-                       fixed_scale=fixed, out_bound=bound)
+                       fixed_scale=fixed, out_bound=bound, float_range=float_range)
     if spec.kind == topology.SPARSE:
         return FGPConv2d(spec.in_channels, spec.out_channels, spec.kernel, spec.padding, hw=hw, fixed_scale=fixed,
                          group_num=sp.group_num(spec.sparse, spec.in_channels, hw.block_in),
-                         pdf_index=spec.role == "pdf_index")
+                         pdf_index=spec.role == "pdf_index", float_range=float_range)
     if spec.kind == topology.UPSAMPLE:
-        return QUpsampleConv2d(spec.in_channels, spec.out_channels, hw, fixed_scale=fixed)
+        return QUpsampleConv2d(spec.in_channels, spec.out_channels, hw, fixed_scale=fixed, float_range=float_range)
     if spec.kind == topology.LAGC:
         return LAGC(spec.out_channels, hw)
     if spec.kind == topology.LEAKY:

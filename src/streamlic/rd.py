@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from scipy.interpolate import PchipInterpolator
 
 MIN_POINTS = 4  # the Bjøntegaard method is defined on (at least) four RD points per curve
 
@@ -59,6 +58,8 @@ def _mean_gap(x_anchor: np.ndarray, y_anchor: np.ndarray, x_test: np.ndarray, y_
             f"the curves do not overlap in {what}: anchor [{shown(x_anchor.min()):.4g}, {shown(x_anchor.max()):.4g}], "
             f"test [{shown(x_test.min()):.4g}, {shown(x_test.max()):.4g}]"
         )
+
+    from scipy.interpolate import PchipInterpolator  # here: train.py's start loads this module, scipy takes 0.5 s
 
     def integral(x: np.ndarray, y: np.ndarray) -> float:
         order = np.argsort(x)

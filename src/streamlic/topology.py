@@ -12,11 +12,12 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 SUBNETWORKS = ("g_a", "h_a", "h_s", "g_s", "context_prediction", "entropy_parameters")
 LATENT_STRIDE = 16  # image pixels per latent pixel (four stride-2 convolutions)
@@ -121,6 +122,8 @@ def pad_to_multiple(x: Tensor, multiple: int = PAD_MULTIPLE) -> Tensor:
     Replication (not zeros) keeps the padded border as cheap to code as the image edge; the
     decoder crops it away.
     """
+    import torch.nn.functional as F  # noqa: N812 - here, not at the top: train.py's start reads this module
+
     height, width = x.shape[-2:]
     pad_h, pad_w = -height % multiple, -width % multiple
     if pad_h == 0 and pad_w == 0:
@@ -191,4 +194,6 @@ def layer_geometry(cfg: ModelConfig, height: int, width: int) -> dict[str, tuple
 
 def odd_channels(channels: int) -> Tensor:
     """Mask of ep's odd output channels, which carry the scale index."""
+    import torch
+
     return torch.arange(channels) % 2 == 1

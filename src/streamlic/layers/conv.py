@@ -25,8 +25,9 @@ class QConv2d(QuantLayer):
     _plain_bias = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 hw: HardwareConfig | None = None, fixed_scale: float | None = None, out_bound: int | None = None):
-        super().__init__(hw, fixed_scale, out_bound)
+                 hw: HardwareConfig | None = None, fixed_scale: float | None = None, out_bound: int | None = None,
+                 float_range: tuple[float, float] | None = None):
+        super().__init__(hw, fixed_scale, out_bound, float_range)
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = (kh, kw)
@@ -180,9 +181,11 @@ class QUpsampleConv2d(QConv2d):
     its path (``g_s.0.weight``), the path the research code's parameter dict uses.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, hw: HardwareConfig, fixed_scale: float | None = None):
+    def __init__(self, in_channels: int, out_channels: int, hw: HardwareConfig, fixed_scale: float | None = None,
+                 float_range: tuple[float, float] | None = None):
         # the convolution's own zero padding: the sums of an explicitly padded input, with no pad op
-        super().__init__(in_channels, 4 * out_channels, 2, 1, 1, hw=hw, fixed_scale=fixed_scale)
+        super().__init__(in_channels, 4 * out_channels, 2, 1, 1, hw=hw, fixed_scale=fixed_scale,
+                         float_range=float_range)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.pixel_shuffle(super().forward(x), 2)[:, :, 1:-1, 1:-1]
@@ -225,13 +228,15 @@ class _QuantizedLeakyReLU(torch.autograd.Function):
 class ChannelAddition(nn.Module):
     """Split the channels into halves and add them, clamped to the activation range.
 
-    Both halves are at the same fixed scale, so the sum is exact on integers.
+    Both halves are at the same fixed scale, so the sum is exact on integers. Before QAT the
+    sum is clamped to the float range of :data:`fixedpoint.FLOAT_STAGE_HARDWARE`, whatever ``hw``.
     """
 
     def __init__(self, hw: HardwareConfig, scale: float):
         super().__init__()
         self.hw = hw
         self.scale = scale
+        self.quantized = False
 
     def freeze(self, in_scale):
         return in_scale
@@ -239,4 +244,6 @@ class ChannelAddition(nn.Module):
     def forward(self, x: Tensor, second_half: Tensor | None = None) -> Tensor:
         """The halves of ``x`` added, or ``x`` and ``second_half`` (the halves never concatenated)."""
         a, b = x.chunk(2, dim=1) if second_half is None else (x, second_half)
-        return fxp.channel_add(a, b, self.hw, self.scale)
+        if self.quantized:
+            return fxp.channel_add(a, b, self.hw, self.scale)
+        return fxp.channel_add(a, b, fxp.FLOAT_STAGE_HARDWARE, fxp.FLOAT_STAGE_HARDWARE.latent_scale)

@@ -186,16 +186,19 @@ class RangeTracker:
 class QuantLayer(nn.Module):
     """Base of layers with a quantized output: activation range, frozen scales, stage flags."""
 
-    def __init__(self, hw: HardwareConfig, fixed_scale: float | None = None, out_bound: int | None = None):
+    def __init__(self, hw: HardwareConfig, fixed_scale: float | None = None, out_bound: int | None = None,
+                 float_range: tuple[float, float] | None = None):
         super().__init__()
         self.hw = hw
         self.fixed_scale = fixed_scale
         self.out_bound = hw.act_max if out_bound is None else out_bound
+        # a fixed-scale output before QAT: (grid step, real bound), the same for every bit width
+        self.float_range = float_range or (None if fixed_scale is None else (fixed_scale, self.out_bound * fixed_scale))
         self.quantized = False
         self.scales_frozen = False
         self.layer_name = self.__class__.__name__
-        initial = 0.0 if fixed_scale is None else fixed_scale * hw.act_max
-        self.register_buffer("act_absmax", torch.tensor(initial))
+        # a fixed-scale layer never reads its range: it stays 0, the same for every bit width
+        self.register_buffer("act_absmax", torch.tensor(0.0))
         self.register_buffer("act_momentum", torch.tensor(MOMENTUM_START / MOMENTUM_GROWTH))
         self.register_buffer("in_scale", torch.tensor(1.0))
         self.raised_range: tuple[float, float] | None = None
@@ -279,7 +282,6 @@ class QuantLayer(nn.Module):
         raise NotImplementedError
 
     def _fake_quant_fixed(self, out: Tensor) -> Tensor:
-        """Float-mode output of a fixed-scale layer: clamped to its range and on its grid."""
-        scale = self.fixed_scale
-        bound = self.out_bound * scale
+        """Float-mode output of a fixed-scale layer: clamped to its float range and on its float grid."""
+        scale, bound = self.float_range
         return round_ste(torch.clamp(out, -bound, bound) / scale) * scale

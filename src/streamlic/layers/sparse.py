@@ -22,8 +22,10 @@ class FGPConv2d(QConv2d):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, padding=0, *, hw: HardwareConfig,
-                 group_num: int, fixed_scale: float | None = None, pdf_index: bool = False):
-        super().__init__(in_channels, out_channels, kernel_size, 1, padding, hw=hw, fixed_scale=fixed_scale)
+                 group_num: int, fixed_scale: float | None = None, pdf_index: bool = False,
+                 float_range: tuple[float, float] | None = None):
+        super().__init__(in_channels, out_channels, kernel_size, 1, padding, hw=hw, fixed_scale=fixed_scale,
+                         float_range=float_range)
         self.block_in, self.block_out = hw.block_in, hw.block_out
         self.in_groups = in_channels // self.block_in
         self.out_groups = out_channels // self.block_out

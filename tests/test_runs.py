@@ -1,0 +1,122 @@
+"""Stage checkpoints as starting points: float stages independent of the bit widths, ``init_from`` across
+bit widths with what the checkpoint fixes taken from it, and one ERROR line for every mismatch."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from _training import TINY, run_script, run_training, schedule
+from callbacks import STAGE_CHECKPOINT_NAMES
+from streamlic.model import StreamLIC
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # as in the train.py subprocesses
+
+HARDWARE_RUN = [*TINY, *schedule(), "test=false", "trainer.limit_train_batches=2"]
+NOT_FROM_CHECKPOINT = [arg for arg in TINY if arg not in ("model=tiny", "export=false")]  # the checkpoint has them
+
+
+def _model_state(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in StreamLIC.checkpoint_state_dict(path).items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.fixture(scope="module")
+def hardware_runs(tmp_path_factory) -> Path:
+    """The same seed and config with 12-bit (all five stages) and 8-bit (the float stages) hardware."""
+    root = tmp_path_factory.mktemp("hardware")
+    assert run_training(root / "w12a12", [*HARDWARE_RUN, "hardware=w12a12"])["status"] == "finished"
+    assert run_training(root / "w8a8", [*HARDWARE_RUN, "hardware=w8a8", "trainer.max_epochs=2"])["stage"] == "mask"
+    return root
+
+
+@pytest.mark.slow
+def test_float_stages_do_not_depend_on_the_bit_widths(hardware_runs):
+    for stage in ("aun", "mask"):
+        w12 = _model_state(hardware_runs / "w12a12" / "checkpoints" / STAGE_CHECKPOINT_NAMES[stage])
+        w8 = _model_state(hardware_runs / "w8a8" / "checkpoints" / STAGE_CHECKPOINT_NAMES[stage])
+        assert w12.keys() == w8.keys()
+        different = [key for key, value in w12.items() if not torch.equal(value, w8[key])]
+        assert not different, f"{stage}: weights, statistics or masks differ in {different[:5]}"
+    report = [json.loads((hardware_runs / hw / "stage_report.json").read_text())["stages"][:2]
+              for hw in ("w12a12", "w8a8")]
+    assert report[0] == [{**row, "checkpoint": row["checkpoint"].replace("w8a8", "w12a12")} for row in report[1]]
+
+
+@pytest.mark.slow
+def test_init_from_a_float_checkpoint_trains_and_exports_another_bit_width(hardware_runs, tmp_path):
+    stage2 = hardware_runs / "w12a12" / "checkpoints" / STAGE_CHECKPOINT_NAMES["mask"]
+    out = tmp_path / "w8a8"
+    # no model=tiny: the sizes (and the block size) come from the checkpoint
+    done = run_script([*NOT_FROM_CHECKPOINT, *schedule(), f"init_from={stage2}", "hardware=w8a8",
+                       "trainer.limit_train_batches=2", f"hydra.run.dir={out}"], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert (results["status"], results["stage"], results["hardware"]) == ("finished", "pdf", "w8a8")
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert manifest["bit_widths"]["activation"] == manifest["bit_widths"]["weight"] == 8
+    assert manifest["config"]["model"] == {"c1": 12, "c2": 12, "c3": 24, "M": 24, "N": 12}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, overrides, error", [
+    ("qat", ["hardware=w8a8"], "ERROR hardware.activation_bits=8: init_from={path} has hardware.activation_bits=12, "
+                               "fixed by its stage (qat); a different bit width starts from a checkpoint before QAT "
+                               "(stage1-aun.ckpt or stage2-mask.ckpt)"),
+    ("mask", ["hardware.block_in=6"], "ERROR hardware.block_in=6: init_from={path} has hardware.block_in=12, fixed "
+                                      "by its stage (mask)"),
+    ("mask", ["model=streamlic"], "ERROR model.c1=48: init_from={path} has model.c1=12, fixed by its model sizes"),
+    ("mask", ["model=tiny", "sparsity.density=0.5"],
+     "ERROR sparsity.density=0.5: init_from={path} has sparsity.density=None, fixed by its masks, already cut; "
+     "other densities start from a stage-1 checkpoint (stage1-aun.ckpt)"),
+    ("pdf", [], "ERROR init_from={path}: the checkpoint is in the last stage (pdf); nothing is left to train"),
+    ("mask", ["trainer.max_epochs=2"], "ERROR trainer.max_epochs=2: init_from={path} starts the run at stage qat, "
+                                       "schedule epoch 23, so it would train no epoch"),
+])
+def test_a_checkpoint_config_mismatch_is_one_error_line(hardware_runs, tmp_path, stage, overrides, error):
+    path = hardware_runs / "w12a12" / "checkpoints" / STAGE_CHECKPOINT_NAMES[stage]
+    done = run_script([f"init_from={path}", *overrides], timeout=120, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [error.format(path=path)], done.stderr
+    assert list(tmp_path.iterdir()) == [], "a run that never trained left files behind"
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["module.lmbda=abc"], "ERROR module.lmbda='abc': must be a positive number"),
+    (["init_from=missing.ckpt"], "ERROR init_from=missing.ckpt: no such checkpoint file"),
+    (["init_from={readme}"], "ERROR init_from={readme}: not a checkpoint (neither a torch zip archive nor a pickle)"),
+    (["init_from={state}"], "ERROR init_from={state}: not a StreamLIC checkpoint (no model stage state in it)"),
+])
+def test_a_command_line_mistake_is_one_error_line_and_leaves_nothing(tmp_path, overrides, error):
+    files = tmp_path / "files"
+    files.mkdir()
+    names = {"readme": Path(__file__).parents[1] / "README.md", "state": files / "other.pt"}
+    torch.save({"weight": torch.zeros(2)}, names["state"])
+    run_dir = tmp_path / "cwd"
+    run_dir.mkdir()
+    done = run_script([override.format(**names) for override in overrides], timeout=120, cwd=run_dir)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [error.format(**names)], done.stderr
+    assert list(run_dir.iterdir()) == [], "a run that never trained left files behind"
+
+
+@pytest.mark.slow
+def test_the_readme_hardware_sweep_from_one_stage2_checkpoint(hardware_runs, tmp_path):
+    stage2 = hardware_runs / "w12a12" / "checkpoints" / STAGE_CHECKPOINT_NAMES["mask"]
+    sweep = tmp_path / "sweep"
+    # the README's command, with the tiny test schedule and data
+    done = run_script(["-m", f"init_from={stage2}", "hardware=w12a12,w8a8", "module.lmbda=0.0067,0.013",
+                       *NOT_FROM_CHECKPOINT, *schedule(), "trainer.limit_train_batches=2", "test=false",
+                       "export=false", f"hydra.sweep.dir={sweep}"], timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(sweep / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["overrides"].split()[1:3] for row in rows] == [
+        [f"hardware={hw}", f"module.lmbda={lmbda}"] for hw in ("w12a12", "w8a8") for lmbda in ("0.0067", "0.013")]
+    assert all(row["status"] == "finished" and row["stage"] == "pdf" for row in rows)
+    for job, hw in enumerate(("w12a12", "w12a12", "w8a8", "w8a8")):
+        results = json.loads((sweep / str(job) / "results.json").read_text())
+        assert results["hardware"] == hw and results["stage_report"][0]["stage"] == "qat"
