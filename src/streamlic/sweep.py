@@ -189,7 +189,7 @@ class Spread:
     @property
     def within_spread(self) -> bool | None:
         """Whether the mean is within :data:`SPREAD_FACTOR` standard deviations of zero (``None``: one value)."""
-        return None if self.std is None else abs(self.mean) < SPREAD_FACTOR * self.std
+        return None if self.std is None else abs(self.mean) <= SPREAD_FACTOR * self.std
 
 
 @dataclass
