@@ -1,4 +1,4 @@
-"""The multirun summary: RD curves per group, BD-rates, failed and repeated jobs."""
+"""The multirun summary: RD curves per group, curve checks, seed replicates, BD-rates, failed and repeated jobs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from _training import TINY, run_script, schedule
-from streamlic.sweep import BD_MACS_PLOT, RD_PLOT, write_summary
+from streamlic.sweep_report import BD_MACS_PLOT, RD_PLOT, write_summary
 
 DENSE_BPP = [0.20, 0.35, 0.60, 1.00]
 DENSE_PSNR = [24.0, 26.0, 28.0, 30.0]
@@ -77,13 +77,16 @@ def test_groups_get_bd_rates_of_stage5_against_stage1_and_the_densest_group(swee
     assert float(half["bd_psnr_vs_reference"]) < 0  # at equal rate the sparser group is worse
     assert float(half["ctx_sparse_macs_per_px"]) == 50.0 and float(dense["ctx_sparse_macs_per_px"]) == 100.0
     short = groups["sparsity.density=0.25"]
-    assert short["bd_rate_vs_reference"] == ""
-    assert "test curve: 2 RD points; a Bjøntegaard delta needs at least 4" in short["note"]
+    assert short["bd_rate_vs_reference"] == "n/a: test curve: 2 RD points (BD-rate needs 4)"
+    assert short["usable_stage5_curves"] == "0 of 1" and dense["usable_stage5_curves"] == "1 of 1"
+    assert short["curve_problems"] == "stage 1: 2 RD points (BD-rate needs 4); stage 5: 2 RD points (BD-rate needs 4)"
 
     markdown = (sweep / "summary.md").read_text()
-    assert "| sparsity.density=0.5 | 4 5 6 7 | 4 | 50.0000 | 0.4167 | +5.00 % | " in markdown
+    assert "| sparsity.density=0.5 | 4 5 6 7 | 1 of 1 / 1 of 1 | 50.0000 | 0.4167 | +5.00 % | " in markdown
     assert "+10.00 %" in markdown and "Reference group: `sparsity.density=1.0`" in markdown
-    assert "Groups with fewer than 4 RD points have points but no BD-rate: `sparsity.density=0.25`" in markdown
+    assert "| sparsity.density=0.25 | 5 pdf | - | n/a: 2 RD points (BD-rate needs 4) |" in markdown
+    assert "| n/a: test curve: 2 RD points (BD-rate needs 4) |" in markdown
+    assert "1 replicate: no spread" in markdown
     # RD points of every stage: stage 1, 2 and 5 of job 4 (lambda 0.0018 at density 0.5)
     assert "| sparsity.density=0.5 | module.lmbda=0.0018 | 4 | 0.2095 / 24.00 | 0.2095 / 23.50 | - | - | " \
            "0.2200 / 24.00 |" in markdown
@@ -109,6 +112,113 @@ def test_failed_and_repeated_jobs_are_marked(sweep):
     assert "**Same model:** job 10 repeats job 8 (blocks per group ctx1 1, ctx2 1, ep 1" in markdown
     # the failed job's point is not on the dense curve
     assert "2.1000" not in (sweep / "summary_groups.csv").read_text()
+
+
+def _write_curve(sweep: Path, start: int, overrides: list[str], stage1: list[tuple[float, float]],
+                 stage5: list[tuple[float, float]], density: str = "1.0") -> int:
+    """One job per λ of LAMBDAS with the given stage-1 and stage-5 points; returns the next job number."""
+    for number, (lmbda, first, last) in enumerate(zip(LAMBDAS, stage1, stage5), start):
+        _write_job(sweep, number, [f"module.lmbda={lmbda}", *overrides], density, stage1=first, stage5=last)
+    return start + len(LAMBDAS)
+
+
+GOOD = list(zip(DENSE_BPP, DENSE_PSNR))
+
+
+@pytest.mark.parametrize("stage1, reason", [
+    ([(0.20, 24.0), (0.35, 26.0), (0.60, 25.5), (1.00, 30.0)], "PSNR not increasing with rate"),
+    ([(0.20, 24.0), (0.60, 28.0), (0.35, 26.0), (1.00, 30.0)], "rate not increasing with λ"),
+    ([(0.20, 24.0), (0.25, 26.0), (0.30, 28.0), (0.35, 30.0)], "rate span 1.75x (BD-rate needs 2x)"),
+])
+def test_a_flagged_curve_gets_its_reason_and_no_bd_rate(tmp_path, stage1, reason):
+    number = _write_curve(tmp_path, 0, ["sparsity.density=1.0"], stage1, GOOD)
+    _write_curve(tmp_path, number, ["sparsity.density=0.5"], GOOD, [(b * 1.1, q) for b, q in GOOD], density="0.5")
+    write_summary(tmp_path)
+    groups = {row["group"]: row for row in _read_csv(tmp_path / "summary_groups.csv")}
+    dense, half = groups["sparsity.density=1.0"], groups["sparsity.density=0.5"]
+    assert dense["usable_stage1_curves"] == "0 of 1" and dense["usable_stage5_curves"] == "1 of 1"
+    assert dense["curve_problems"] == f"stage 1: {reason}"
+    assert dense["bd_rate_stage5_vs_stage1"] == dense["bd_psnr_stage5_vs_stage1"] == f"n/a: anchor curve: {reason}"
+    assert float(half["bd_rate_stage5_vs_stage1"]) == pytest.approx(10.0)  # the other group is unaffected
+    assert float(half["bd_rate_vs_reference"]) == pytest.approx(10.0)
+    markdown = (tmp_path / "summary.md").read_text()
+    assert f"| sparsity.density=1.0 | 1 aun | - | n/a: {reason} |" in markdown
+    assert f"| sparsity.density=1.0 | 0 1 2 3 | 0 of 1 / 1 of 1 | 100.0000 | 0.8333 | n/a: anchor curve: {reason} |" \
+        in markdown
+
+
+def test_curves_without_overlap_have_no_bd_rate(tmp_path):
+    number = _write_curve(tmp_path, 0, ["sparsity.density=1.0"], GOOD, GOOD)
+    _write_curve(tmp_path, number, ["sparsity.density=0.5"], GOOD, [(b, q - 10.0) for b, q in GOOD], density="0.5")
+    write_summary(tmp_path)
+    half = {row["group"]: row for row in _read_csv(tmp_path / "summary_groups.csv")}["sparsity.density=0.5"]
+    assert half["usable_stage5_curves"] == "1 of 1"
+    assert half["bd_rate_vs_reference"].startswith("n/a: no overlap in PSNR (anchor 24–30, test 14–20)")
+    assert float(half["bd_psnr_vs_reference"]) == pytest.approx(-10.0)  # the rates overlap: BD-PSNR is defined
+
+
+@pytest.fixture
+def seeded_sweep(tmp_path: Path) -> Path:
+    """λ x density x seed=0,1: density 0.5 needs 2 % more rate than 1.0 with seed 0 and 10 % with seed 1,
+    density 0.25 30 % and 34 %. Seed 1's dense curve has 0.1 dB more than seed 0's at the same rates."""
+    number = 0
+    for seed, shift in (("0", 0.0), ("1", 0.1)):
+        for density, factor in (("1.0", 1.0), ("0.5", (1.02, 1.10)[int(seed)]), ("0.25", (1.30, 1.34)[int(seed)])):
+            points = [(b * factor, q + shift) for b, q in GOOD]
+            number = _write_curve(tmp_path, number, [f"sparsity.density={density}", f"seed={seed}"],
+                                  [(b / 1.05, q) for b, q in points], points, density=density)
+    return tmp_path
+
+
+def test_seed_replicates_give_mean_and_spread(seeded_sweep):
+    summary = write_summary(seeded_sweep)
+    assert [group.label for group in summary.groups] == ["sparsity.density=1.0", "sparsity.density=0.5",
+                                                         "sparsity.density=0.25"]  # seed makes no group
+    groups = {row["group"]: row for row in _read_csv(seeded_sweep / "summary_groups.csv")}
+    half, quarter = groups["sparsity.density=0.5"], groups["sparsity.density=0.25"]
+    assert half["seeds"] == "seed=0 seed=1" and half["usable_stage5_curves"] == "2 of 2"
+    assert float(half["bd_rate_vs_reference"]) == pytest.approx(6.0)  # mean of +2 % and +10 %
+    assert float(half["bd_rate_vs_reference_std"]) == pytest.approx(8.0 / 2**0.5)
+    assert half["bd_rate_vs_reference_per_seed"] == "seed=0:+2.0000 seed=1:+10.0000"
+    assert half["bd_rate_vs_reference_within_seed_spread"] == "True"  # 6 < 2 x 5.66
+    assert float(quarter["bd_rate_vs_reference"]) == pytest.approx(32.0)
+    assert quarter["bd_rate_vs_reference_within_seed_spread"] == "False"  # 32 > 2 x 2.83
+    assert float(half["bd_rate_stage5_vs_stage1"]) == pytest.approx(5.0)
+    assert float(half["bd_rate_stage5_vs_stage1_std"]) == pytest.approx(0.0, abs=1e-9)
+    markdown = (seeded_sweep / "summary.md").read_text()
+    assert "+6.00 ± 5.66 % (2 of 2 seeds), within seed spread" in markdown
+    assert "+32.00 ± 2.83 % (2 of 2 seeds) |" in markdown
+    assert "up to 2 replicates per RD point" in markdown
+    # the dense point at λ 0.0018: jobs 0 (seed 0) and 12 (seed 1), PSNR 24.0 and 24.1
+    assert "| sparsity.density=1.0 | module.lmbda=0.0018 | 0 12 | 0.1905 ± 0.0000 / 24.05 ± 0.07 |" in markdown
+
+
+def test_a_flagged_seed_leaves_the_others_in_the_mean(seeded_sweep):
+    results = seeded_sweep / "17" / "results.json"  # density 0.5, seed 1, λ 0.0018 -> below λ 0.0067's rate
+    data = json.loads(results.read_text())
+    data["stage_report"][-1]["end"]["psnr"] = 40.0
+    results.write_text(json.dumps(data))
+    write_summary(seeded_sweep)
+    half = {row["group"]: row for row in _read_csv(seeded_sweep / "summary_groups.csv")}["sparsity.density=0.5"]
+    assert half["usable_stage5_curves"] == "1 of 2"
+    assert half["curve_problems"] == "stage 5 seed=1: PSNR not increasing with rate"
+    assert float(half["bd_rate_vs_reference"]) == pytest.approx(2.0) and half["bd_rate_vs_reference_std"] == ""
+    assert half["bd_rate_vs_reference_per_seed"] == ("seed=0:+2.0000 seed=1:n/a: test curve: PSNR not increasing "
+                                                     "with rate")
+    assert "+2.00 % (1 of 2 seeds)" in (seeded_sweep / "summary.md").read_text()
+
+
+def test_hardware_groups_like_density_groups(tmp_path):
+    number = _write_curve(tmp_path, 0, ["hardware=w12a12"], GOOD, GOOD)
+    _write_curve(tmp_path, number, ["hardware=w8a8"], GOOD, [(b * 1.25, q) for b, q in GOOD])
+    summary = write_summary(tmp_path)
+    assert summary.reference.label == "hardware=w12a12"  # equal density: the first group
+    groups = {row["group"]: row for row in _read_csv(tmp_path / "summary_groups.csv")}
+    assert float(groups["hardware=w8a8"]["bd_rate_vs_reference"]) == pytest.approx(25.0)
+    write_summary(tmp_path, reference="hardware=w8a8")
+    groups = {row["group"]: row for row in _read_csv(tmp_path / "summary_groups.csv")}
+    assert float(groups["hardware=w12a12"]["bd_rate_vs_reference"]) == pytest.approx(-20.0)
+    assert (tmp_path / RD_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ def _run_decompress(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .codec.evaluate import RESULT_METRICS, bd_rate_against, evaluate_folder, finite_mean, load_results, plot_rd
+    from .codec.evaluate import RESULT_METRICS, compare, evaluate_folder, finite_mean, load_results, plot_rd
     from .codec.io import check_output, write_atomically
 
     for path in (args.output, args.plot):
@@ -84,14 +84,8 @@ def _run_eval(args: argparse.Namespace) -> int:
                   f"{_format(record['ms-ssim-rgb'], 8, 4)} {record['encoding_time']:7.2f} "
                   f"{record['decoding_time']:7.2f}")
     if compared:
-        # the BD-rates travel in the results JSON; CompressAI's readers ignore the extra key
-        results["bd_rate"] = [bd_rate_against(results, anchor) for anchor in compared]
         print()
-        for entry in results["bd_rate"]:
-            rate, psnr = (f"not available ({entry[f'{key}_error']})" if entry[key] is None else
-                          format(entry[key], fmt) + unit
-                          for key, fmt, unit in (("bd_rate", "+.2f", " %"), ("bd_psnr", "+.3f", " dB")))
-            print(f"BD-rate of {results['name']} against {entry['anchor']}: {rate}; BD-PSNR: {psnr}")
+        print("\n".join(compare(results, compared)))
     if args.output is not None:
         text = json.dumps(results, indent=2)
         write_atomically(args.output, lambda f: f.write(text.encode()), args.force)

@@ -1,52 +1,41 @@
-"""Per-job results of a training run and the summary of a Hydra multirun.
+"""Per-job results of a training run and the RD curves of a multirun: groups, seed replicates, BD-rates.
 
-Every ``train.py`` job writes ``results.json`` into its output directory. At the end of a
-multirun, :class:`SweepSummary` (a Hydra callback registered under ``hydra.callbacks`` in
-``conf/config.yaml``) reads them all and writes into the sweep directory:
-
-- ``summary.csv`` and the jobs table of ``summary.md``: one row per job with its overrides,
-  status, group, rate, quality, the multiply-accumulates of the block-sparse context layers
-  and the validation RD point at the end of every stage (from the job's stage report);
-- ``summary_groups.csv`` and the groups table of ``summary.md``: jobs grouped by every
-  override except the rate-distortion trade-off (``module.lmbda``, ``module.quality``), so
-  each group is one RD curve per stage. For each group: the BD-rate of stage 5 against
-  stage 1 of the same jobs (what hardware readiness costs) and of the group's stage-5 curve
-  against a reference group's (by default the densest), with the sparse MACs per pixel;
-- ``rd.png`` (one curve per group, stage 5 solid, stage 1 dashed) and ``bd_rate_macs.png``
-  (BD-rate against the reference over sparse MACs per pixel).
-
-Jobs whose status is not ``finished`` are marked in the tables, left out of the curves,
-named in one ERROR line, and make the multirun exit with status 1. Jobs that train the same
-model (equal blocks per group in every sparse layer, all other overrides equal) are flagged.
+Every ``train.py`` job writes ``results.json`` into its output directory. A multirun's jobs
+fall into groups by every override except the RD trade-off (``module.lmbda``,
+``module.quality``: the points along a curve) and ``seed`` (replicates of a point): a density
+sweep gives one group per density, a hardware sweep one per bit width, both together one per
+pair. Each group is one RD curve per stage and per seed. Every curve is checked before a
+Bjøntegaard delta is taken (:func:`streamlic.rd.curve_problem`); a BD-rate is computed per
+seed (the reference group's curve of the same seed as anchor) and reported as mean ± standard
+deviation across seeds. :mod:`streamlic.sweep_report` writes the tables and plots.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from . import topology
+from .rd import bd_deltas, curve_problem, not_available
 from .stage import STAGES
-from .rd import MIN_POINTS, bd_deltas
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
-SUMMARY_STEM = "summary"
-RD_PLOT = "rd.png"
-BD_MACS_PLOT = "bd_rate_macs.png"
 FINISHED = "finished"
 LAMBDA_KEYS = ("module.lmbda", "module.quality")  # the points along one RD curve
+SEED_KEYS = ("seed",)  # replicates of one RD point
 DENSITY_KEYS = ("sparsity.density", "sparsity.layers")  # overrides that only change blocks per group
 FIRST_STAGE, LAST_STAGE = STAGES[0], STAGES[-1]
+# a mean difference within this many standard deviations of its per-seed values is "within the seed spread"
+SPREAD_FACTOR = 2.0
 
 
 def context_macs_per_pixel(model) -> dict[str, Any]:
@@ -87,6 +76,10 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def _value(overrides: list[str], keys: tuple[str, ...]) -> str | None:
+    return next((o.split("=", 1)[1] for o in overrides if "=" in o and override_key(o) in keys), None)
+
+
 @dataclass
 class Job:
     """One multirun job: its directory name, overrides and ``results.json`` (empty if it wrote none)."""
@@ -106,9 +99,23 @@ class Job:
         return [o for o in self.overrides if override_key(o) in LAMBDA_KEYS]
 
     @property
+    def lmbda(self) -> float | None:
+        """The swept λ (or CompressAI quality level, which orders the same way); ``None`` if not swept."""
+        value = _value(self.overrides, LAMBDA_KEYS)
+        try:
+            return None if value is None else float(value)
+        except ValueError:
+            return None
+
+    @property
+    def seed(self) -> str | None:
+        """The swept seed (``None``: the config's)."""
+        return _value(self.overrides, SEED_KEYS)
+
+    @property
     def curve_overrides(self) -> tuple[str, ...]:
-        """Every other override: jobs that share them lie on one RD curve."""
-        return tuple(sorted(o for o in self.overrides if override_key(o) not in LAMBDA_KEYS))
+        """Every override but λ and seed: jobs that share them lie on one RD curve (one per seed)."""
+        return tuple(sorted(o for o in self.overrides if override_key(o) not in LAMBDA_KEYS + SEED_KEYS))
 
     def stage_point(self, stage: str) -> tuple[float, float] | None:
         """Validation (bpp, PSNR) at the end of ``stage`` (``None``: the stage did not finish in this job)."""
@@ -165,50 +172,102 @@ def identical_models(jobs: list[Job]) -> dict[str, str]:
     return same_as
 
 
-# ---------------------------------------------------------------------------- groups and BD-rates
+# ---------------------------------------------------------------------------- curves, replicates, BD-rates
+
+@dataclass
+class Spread:
+    """Mean and sample standard deviation of replicate values (``std`` ``None`` for one value)."""
+
+    mean: float
+    std: float | None
+    count: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Spread":
+        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+    @property
+    def within_spread(self) -> bool | None:
+        """Whether the mean is within :data:`SPREAD_FACTOR` standard deviations of zero (``None``: one value)."""
+        return None if self.std is None else abs(self.mean) <= SPREAD_FACTOR * self.std
+
 
 @dataclass
 class BDResult:
-    """A BD-rate (percent) and BD-PSNR (dB) between two curves; a missing one has its reason."""
+    """BD-rate (percent) and BD-PSNR (dB) of one comparison, per seed: a number or ``"n/a: <reason>"``."""
 
-    rate: float | None = None
-    psnr: float | None = None
-    rate_note: str = ""
-    psnr_note: str = ""
+    per_seed: dict[str | None, dict[str, float | str]] = field(default_factory=dict)
 
-    @classmethod
-    def between(cls, anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> "BDResult":
-        deltas = bd_deltas(anchor, test)
-        return cls(deltas["bd_rate"], deltas["bd_psnr"], deltas.get("bd_rate_error", ""),
-                   deltas.get("bd_psnr_error", ""))
+    def spread(self, key: str) -> Spread | None:
+        """Mean ± std of ``key`` (``bd_rate`` or ``bd_psnr``) over the seeds that have a number."""
+        values = [deltas[key] for deltas in self.per_seed.values() if isinstance(deltas[key], float)]
+        return Spread.of(values) if values else None
 
-    @classmethod
-    def missing(cls, reason: str) -> "BDResult":
-        return cls(rate_note=reason, psnr_note=reason)
+    def reason(self, key: str) -> str | None:
+        """Why no seed has a number (the distinct reasons), or ``None``."""
+        if self.spread(key) is not None:
+            return None
+        reasons = dict.fromkeys(str(deltas[key]) for deltas in self.per_seed.values())
+        return "; ".join(reasons) or not_available("no curves")
 
-    @property
-    def note(self) -> str:
-        notes = dict.fromkeys(note for note in (self.rate_note, self.psnr_note) if note)  # once if equal
-        return "; ".join(notes)
+    def value(self, key: str) -> float | str:
+        """The mean over seeds, or the reason there is none (what the CSV holds)."""
+        spread = self.spread(key)
+        return spread.mean if spread is not None else self.reason(key)
 
-    def cells(self) -> tuple[str, str]:
-        rate = f"n/a: {self.rate_note}" if self.rate is None else f"{self.rate:+.2f} %"
-        psnr = f"n/a: {self.psnr_note}" if self.psnr is None else f"{self.psnr:+.3f} dB"
-        return rate, psnr
+
+def _seed_order(seed: str | None) -> tuple[int, float, str]:
+    try:
+        return (0, float(seed), "") if seed is not None else (0, -1.0, "")
+    except ValueError:
+        return (1, 0.0, seed)
 
 
 @dataclass
 class Group:
-    """The finished jobs that share every override but the RD trade-off: one RD curve per stage."""
+    """The finished jobs that share every override but λ and seed: one RD curve per stage and seed."""
 
     label: str
     jobs: list[Job]
     stage5_vs_stage1: BDResult = field(default_factory=BDResult)
     vs_reference: BDResult = field(default_factory=BDResult)
 
+    @property
+    def seeds(self) -> list[str | None]:
+        return sorted({job.seed for job in self.jobs}, key=_seed_order)
+
+    def replicates(self) -> dict[str, list[Job]]:
+        """The jobs of each RD point (its λ override), in the order of λ; several for several seeds."""
+        points: dict[str, list[Job]] = defaultdict(list)
+        for job in sorted(self.jobs, key=lambda job: (job.lmbda is None, job.lmbda or 0.0, _seed_order(job.seed))):
+            points[" ".join(job.rd_overrides) or "-"].append(job)
+        return dict(points)
+
+    def seed_curve(self, stage: str, seed: str | None) -> tuple[list[tuple[float, float]], list[float] | None]:
+        """(bpp, PSNR) at the end of ``stage`` of the jobs of ``seed``, and their λ (``None`` if not all known)."""
+        jobs = [job for job in self.jobs if job.seed == seed and job.stage_point(stage) is not None]
+        lambdas = [job.lmbda for job in jobs]
+        return [job.stage_point(stage) for job in jobs], (None if None in lambdas else lambdas)
+
+    def curve_problems(self, stage: str) -> dict[str | None, str | None]:
+        """Per seed: why its ``stage`` curve gives no BD-rate (``None``: usable)."""
+        return {seed: curve_problem(*self.seed_curve(stage, seed)) for seed in self.seeds}
+
+    def usable(self, stage: str) -> int:
+        return sum(problem is None for problem in self.curve_problems(stage).values())
+
+    def point_spread(self, stage: str) -> list[tuple[str, list[Job], Spread, Spread]]:
+        """Per RD point that reached ``stage``: its label, jobs, and the spread of bpp and of PSNR over seeds."""
+        rows = []
+        for label, jobs in self.replicates().items():
+            points = [point for job in jobs if (point := job.stage_point(stage)) is not None]
+            if points:
+                rows.append((label, jobs, Spread.of([p[0] for p in points]), Spread.of([p[1] for p in points])))
+        return rows
+
     def curve(self, stage: str) -> list[tuple[float, float]]:
-        """(bpp, PSNR) at the end of ``stage``, one point per job that finished it, by rate."""
-        return sorted(point for job in self.jobs if (point := job.stage_point(stage)) is not None)
+        """The mean (bpp, PSNR) over seeds of each RD point at the end of ``stage``, by rate (for plots)."""
+        return sorted((bpp.mean, psnr.mean) for _, _, bpp, psnr in self.point_spread(stage))
 
     def _macs(self, key: str) -> float | None:
         values = [job.results["context_macs_per_pixel"][key] for job in self.jobs
@@ -224,11 +283,31 @@ class Group:
         return self._macs("density")
 
 
+def compare(anchor: Group, anchor_stage: str, test: Group, test_stage: str) -> BDResult:
+    """BD-rate and BD-PSNR of ``test``'s ``test_stage`` curves against ``anchor``'s, seed by seed."""
+    result = BDResult()
+    anchor_seeds = set(anchor.seeds)
+    for seed in test.seeds:
+        if seed not in anchor_seeds:
+            reason = not_available(f"no seed {seed} in {anchor.label}")
+            result.per_seed[seed] = {"bd_rate": reason, "bd_psnr": reason}
+            continue
+        (anchor_points, anchor_lambdas), (test_points, test_lambdas) = (
+            anchor.seed_curve(anchor_stage, seed), test.seed_curve(test_stage, seed))
+        if not anchor_points:
+            reason = not_available(f"no stage-{STAGES.index(anchor_stage) + 1} points (the jobs started later)")
+            result.per_seed[seed] = {"bd_rate": reason, "bd_psnr": reason}
+            continue
+        result.per_seed[seed] = bd_deltas(anchor_points, test_points, anchor_lambdas, test_lambdas)
+    return result
+
+
 def group_jobs(jobs: list[Job], reference: str | None = None) -> tuple[list[Group], Group | None]:
     """Groups of the finished jobs with their BD-rates, and the reference group.
 
     A group's label is the overrides by which it differs from the others ("all jobs" if none
-    do). The reference is the group labelled ``reference``, by default the densest one.
+    do). The reference is the group labelled ``reference``, by default the densest one (the
+    first of the densest when several are, e.g. in a hardware sweep).
     """
     finished = [job for job in jobs if job.finished]
     by_curve: dict[tuple[str, ...], list[Job]] = defaultdict(list)
@@ -239,259 +318,13 @@ def group_jobs(jobs: list[Job], reference: str | None = None) -> tuple[list[Grou
               for key, members in by_curve.items()]
     if not groups:
         return [], None
-    labels = [group.label for group in groups]
     anchor = next((group for group in groups if group.label == reference), None)
     if reference is not None and anchor is None:
         log.error("hydra.callbacks.sweep_summary.reference=%r: no such group (groups: %s); using the densest",
-                  reference, labels)
+                  reference, [group.label for group in groups])
     if anchor is None:
         anchor = max(groups, key=lambda group: group.density or 0.0)
     for group in groups:
-        first = group.curve(FIRST_STAGE)
-        group.stage5_vs_stage1 = (BDResult.between(first, group.curve(LAST_STAGE)) if first
-                                  else BDResult.missing("no stage-1 points (the jobs started at a later stage)"))
-        group.vs_reference = (BDResult(0.0, 0.0) if group is anchor
-                              else BDResult.between(anchor.curve(LAST_STAGE), group.curve(LAST_STAGE)))
+        group.stage5_vs_stage1 = compare(group, FIRST_STAGE, group, LAST_STAGE)
+        group.vs_reference = compare(anchor, LAST_STAGE, group, LAST_STAGE)
     return groups, anchor
-
-
-# ---------------------------------------------------------------------------- tables
-
-COLUMNS = ("job", "overrides", "status", "stage", "test_bpp", "test_psnr", "test_ms_ssim", "val_bpp", "val_psnr",
-           "ctx_sparse_macs_per_px", "ctx_dense_macs_per_px", "ctx_density")
-STAGE_COLUMNS = tuple(f"{stage}_{metric}" for stage in STAGES for metric in ("bpp", "psnr"))
-JOB_COLUMNS = (*COLUMNS, "group", "rd_point", "same_model_as", *STAGE_COLUMNS)
-GROUP_COLUMNS = ("group", "jobs", "rd_points", "ctx_sparse_macs_per_px", "ctx_density",
-                 "bd_rate_stage5_vs_stage1", "bd_psnr_stage5_vs_stage1", "bd_rate_vs_reference",
-                 "bd_psnr_vs_reference", "note")
-
-
-def job_rows(jobs: list[Job], groups: list[Group], same_as: dict[str, str]) -> list[dict[str, Any]]:
-    group_of = {job.number: group.label for group in groups for job in group.jobs}
-    rows = []
-    for job in jobs:
-        results = job.results
-        test, val = results.get("test") or {}, results.get("val") or {}
-        macs = results.get("context_macs_per_pixel") or {}
-        row = {
-            "job": job.number, "overrides": " ".join(job.overrides), "status": job.status,
-            "stage": results.get("stage"),
-            "test_bpp": test.get("bpp"), "test_psnr": test.get("psnr"), "test_ms_ssim": test.get("ms_ssim"),
-            "val_bpp": val.get("bpp"), "val_psnr": val.get("psnr"),
-            "ctx_sparse_macs_per_px": macs.get("sparse"), "ctx_dense_macs_per_px": macs.get("dense"),
-            "ctx_density": macs.get("density"),
-            "group": group_of.get(job.number), "rd_point": " ".join(job.rd_overrides) or None,
-            "same_model_as": same_as.get(job.number),
-        }
-        for stage in STAGES:
-            point = job.stage_point(stage) or (None, None)
-            row[f"{stage}_bpp"], row[f"{stage}_psnr"] = point
-        rows.append(row)
-    return rows
-
-
-def group_rows(groups: list[Group]) -> list[dict[str, Any]]:
-    return [{
-        "group": group.label, "jobs": " ".join(job.number for job in group.jobs),
-        "rd_points": len(group.curve(LAST_STAGE)), "ctx_sparse_macs_per_px": group.sparse_macs,
-        "ctx_density": group.density,
-        "bd_rate_stage5_vs_stage1": group.stage5_vs_stage1.rate,
-        "bd_psnr_stage5_vs_stage1": group.stage5_vs_stage1.psnr,
-        "bd_rate_vs_reference": group.vs_reference.rate, "bd_psnr_vs_reference": group.vs_reference.psnr,
-        "note": "; ".join(n for n in (group.stage5_vs_stage1.note, group.vs_reference.note) if n) or None,
-    } for group in groups]
-
-
-def summary_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per job directory under ``sweep_dir`` (the jobs table of the summary)."""
-    jobs = read_jobs(sweep_dir)
-    groups, _ = group_jobs(jobs)
-    return job_rows(jobs, groups, identical_models(jobs))
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row[column]) for column in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _jobs_markdown(rows: list[dict[str, Any]]) -> str:
-    columns = (*COLUMNS, "same_model_as")
-    marked = [{**row, "status": row["status"] if row["status"] == FINISHED else f"**FAILED** ({row['status']})"}
-              for row in rows]
-    return markdown_table(marked, columns)
-
-
-def _points_markdown(groups: list[Group]) -> str:
-    header = ["group", "rd point", "job", *(f"{n} {stage} (bpp / dB)" for n, stage in enumerate(STAGES, 1))]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for group in groups:
-        for job in sorted(group.jobs, key=lambda job: job.stage_point(LAST_STAGE) or (0.0, 0.0)):
-            cells = []
-            for stage in STAGES:
-                point = job.stage_point(stage)
-                cells.append("-" if point is None else f"{point[0]:.4f} / {point[1]:.2f}")
-            lines.append(f"| {group.label} | {' '.join(job.rd_overrides) or '-'} | {job.number} | "
-                         + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _groups_markdown(groups: list[Group], anchor: Group) -> str:
-    header = ["group", "jobs", "RD points", "ctx sparse MACs/px", "ctx density", "BD-rate stage 5 vs 1",
-              "BD-PSNR stage 5 vs 1", "BD-rate vs reference", "BD-PSNR vs reference"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for group in groups:
-        reference = ("reference", "reference") if group is anchor else group.vs_reference.cells()
-        lines.append("| " + " | ".join([
-            group.label, " ".join(job.number for job in group.jobs), str(len(group.curve(LAST_STAGE))),
-            _cell(group.sparse_macs), _cell(group.density), *group.stage5_vs_stage1.cells(), *reference]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def summary_markdown(jobs: list[Job], rows: list[dict[str, Any]], groups: list[Group], anchor: Group | None,
-                     same_as: dict[str, str]) -> str:
-    parts = ["# Sweep summary\n", "## Jobs\n", _jobs_markdown(rows)]
-    failed = [job for job in jobs if not job.finished]
-    if failed:
-        parts.append(f"**{len(failed)} job(s) did not finish** and are left out of the RD curves: "
-                     + ", ".join(f"job {job.number} ({job.status})" for job in failed) + ".\n")
-    for job, first in same_as.items():
-        blocks = dict(next(j for j in jobs if j.number == job).blocks_per_group())
-        parts.append(f"**Same model:** job {job} repeats job {first} (blocks per group "
-                     + ", ".join(f"{name} {count}" for name, count in blocks.items())
-                     + ", all other overrides equal).\n")
-    if anchor is not None:
-        parts += [
-            "## RD points (validation set, end of each stage)\n", _points_markdown(groups),
-            "## BD-rates by group\n",
-            f"Reference group: `{anchor.label}`. BD-rates are Bjøntegaard deltas (pchip, percent of rate at equal "
-            f"PSNR; negative saves bits) of the stage-5 curve, against the same jobs' stage-1 curve and against the "
-            f"reference group's stage-5 curve; a curve needs {MIN_POINTS} RD points.\n",
-            _groups_markdown(groups, anchor),
-        ]
-        short = [group.label for group in groups if len(group.curve(LAST_STAGE)) < MIN_POINTS]
-        if short:
-            parts.append(f"Groups with fewer than {MIN_POINTS} RD points have points but no BD-rate: "
-                         + ", ".join(f"`{label}`" for label in short) + ".\n")
-        parts.append(f"![RD curves]({RD_PLOT})\n\n![BD-rate against MACs]({BD_MACS_PLOT})\n")
-    return "\n".join(parts)
-
-
-# ---------------------------------------------------------------------------- plots
-
-def plot_rd_curves(groups: list[Group], path: Path) -> None:
-    """One colour per group: the stage-5 curve solid, the stage-1 curve of the same jobs dashed."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, safe in any process
-
-    figure = Figure(figsize=(7, 5))
-    axis = figure.subplots()
-    for index, group in enumerate(groups):
-        color = f"C{index % 10}"
-        for stage, style in ((LAST_STAGE, "-"), (FIRST_STAGE, "--")):
-            points = group.curve(stage)
-            if points:
-                axis.plot(*zip(*points), style, marker="o", color=color,
-                          label=f"{group.label} (stage {STAGES.index(stage) + 1})")
-    axis.set_xlabel("bits per pixel (validation set)")
-    axis.set_ylabel("PSNR [dB]")
-    axis.set_title("RD curves per group: stage 5 solid, stage 1 dashed")
-    axis.grid(True, alpha=0.4)
-    if axis.lines:
-        axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-
-
-def plot_bd_rate_against_macs(groups: list[Group], anchor: Group, path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 5))
-    axis = figure.subplots()
-    for group in groups:
-        if group.vs_reference.rate is not None and group.sparse_macs is not None:
-            axis.plot(group.sparse_macs, group.vs_reference.rate, "o", color="C0")
-            axis.annotate(group.label, (group.sparse_macs, group.vs_reference.rate), fontsize="small",
-                          textcoords="offset points", xytext=(4, 4))
-    if not axis.lines:
-        axis.text(0.5, 0.5, f"no BD-rate: groups need {MIN_POINTS} RD points", ha="center",
-                  transform=axis.transAxes)
-    axis.axhline(0.0, color="grey", linewidth=0.8)
-    axis.set_xlabel("context layers: sparse MACs per pixel")
-    axis.set_ylabel(f"BD-rate vs {anchor.label} [%]")
-    axis.set_title("rate cost of sparsity (stage 5)")
-    axis.grid(True, alpha=0.4)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-
-
-# ---------------------------------------------------------------------------- summary
-
-@dataclass
-class SweepResult:
-    jobs: list[Job]
-    groups: list[Group]
-    reference: Group | None
-    rows: list[dict[str, Any]]
-
-    @property
-    def failed(self) -> list[Job]:
-        return [job for job in self.jobs if not job.finished]
-
-
-def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_summary(sweep_dir: str | Path, stem: str = SUMMARY_STEM, reference: str | None = None) -> SweepResult:
-    """Write ``<stem>.csv``, ``<stem>_groups.csv``, ``<stem>.md`` and the two plots into ``sweep_dir``."""
-    sweep_dir = Path(sweep_dir)
-    jobs = read_jobs(sweep_dir)
-    groups, anchor = group_jobs(jobs, reference)
-    same_as = identical_models(jobs)
-    rows = job_rows(jobs, groups, same_as)
-    _write_csv(sweep_dir / f"{stem}.csv", JOB_COLUMNS, rows)
-    _write_csv(sweep_dir / f"{stem}_groups.csv", GROUP_COLUMNS, group_rows(groups))
-    (sweep_dir / f"{stem}.md").write_text(summary_markdown(jobs, rows, groups, anchor, same_as))
-    if anchor is not None:
-        plot_rd_curves(groups, sweep_dir / RD_PLOT)
-        plot_bd_rate_against_macs(groups, anchor, sweep_dir / BD_MACS_PLOT)
-    return SweepResult(jobs, groups, anchor, rows)
-
-
-class SweepSummary(Callback):
-    """Hydra callback: the multirun summary, written when all jobs have returned.
-
-    Args:
-        stem: file name stem of the tables.
-        reference: label of the group the others' BD-rates are measured against (as in the
-            groups table, e.g. ``sparsity.density=1.0``); ``None``: the densest group.
-    """
-
-    def __init__(self, stem: str = SUMMARY_STEM, reference: str | None = None) -> None:
-        self.stem = stem
-        self.reference = reference
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        summary = write_summary(sweep_dir, self.stem, self.reference)
-        if not summary.jobs:
-            log.warning("multirun summary: no %s found under %s", RESULTS_FILE, sweep_dir)
-            return
-        log.info("multirun summary (%d jobs) written to %s:\n%s", len(summary.jobs), sweep_dir / f"{self.stem}.md",
-                 (sweep_dir / f"{self.stem}.md").read_text())
-        if summary.failed:
-            log.error("%d of %d multirun jobs did not finish: %s", len(summary.failed), len(summary.jobs),
-                      "; ".join(f"job {job.number} [{' '.join(job.overrides)}]: {job.status}"
-                                for job in summary.failed))
-            raise SystemExit(1)

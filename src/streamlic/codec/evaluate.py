@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..images import scan_folder
 from ..metrics import ms_ssim
-from ..rd import bd_deltas
+from ..rd import bd_deltas, curve_problem, not_available
 from .bitstream import CodecError, StreamCodec
 from .io import CodecSource, load_codec, load_image_file, to_uint8, write_atomically
 
@@ -141,13 +141,42 @@ def curve_points(results: dict[str, Any], metric: str = "psnr") -> list[tuple[fl
                   if bpp is not None and value is not None)
 
 
+def curve_check(results: dict[str, Any]) -> str:
+    """``"usable"``, or ``"n/a: <reason>"`` when the PSNR curve gives no BD-rate (:func:`streamlic.rd.curve_problem`).
+
+    The points of a results file carry no λ: the check is on the points alone (PSNR rising
+    with rate, four points, the rate span).
+    """
+    problem = curve_problem(curve_points(results["results"]))
+    return "usable" if problem is None else not_available(problem)
+
+
 def bd_rate_against(results: dict[str, Any], anchor: dict[str, Any]) -> dict[str, Any]:
     """BD-rate (percent) and BD-PSNR (dB) of ``results``' PSNR curve against ``anchor``'s.
 
-    Returns ``{"anchor", "bd_rate", "bd_psnr"}`` (see :func:`streamlic.rd.bd_deltas`: a delta the
-    curves do not have is ``None`` with its reason).
+    Returns ``{"anchor", "anchor_curve", "bd_rate", "bd_psnr"}``: the anchor curve's check
+    (:func:`curve_check`) and the deltas of :func:`streamlic.rd.bd_deltas`, where one the
+    curves do not have is the text ``"n/a: <reason>"``.
     """
-    return {"anchor": anchor["name"], **bd_deltas(curve_points(anchor["results"]), curve_points(results["results"]))}
+    return {"anchor": anchor["name"], "anchor_curve": curve_check(anchor),
+            **bd_deltas(curve_points(anchor["results"]), curve_points(results["results"]))}
+
+
+def compare(results: dict[str, Any], anchors: Sequence[dict[str, Any]]) -> list[str]:
+    """Record in ``results`` its curve check and its BD-rates against each anchor; the lines that say them.
+
+    ``results["curve_check"]`` and ``results["bd_rate"]`` (one :func:`bd_rate_against` entry per
+    anchor) travel in the results JSON; CompressAI's readers ignore the extra keys.
+    """
+    results["curve_check"] = curve_check(results)
+    results["bd_rate"] = [bd_rate_against(results, anchor) for anchor in anchors]
+    lines = [f"RD curve of {results['name']}: {results['curve_check']}"]
+    for entry in results["bd_rate"]:
+        rate, psnr = (value if isinstance(value, str) else f"{value:{fmt}}{unit}"
+                      for value, fmt, unit in ((entry["bd_rate"], "+.2f", " %"), (entry["bd_psnr"], "+.3f", " dB")))
+        lines += [f"RD curve of {entry['anchor']}: {entry['anchor_curve']}",
+                  f"BD-rate of {results['name']} against {entry['anchor']}: {rate}; BD-PSNR: {psnr}"]
+    return lines
 
 
 def plot_rd(curves: Sequence[dict[str, Any]], path: str | os.PathLike, force: bool = False) -> None:
