@@ -31,6 +31,9 @@ def quiet_dependencies() -> None:
     # a mid-epoch checkpoint resumes exactly: the seeded training loader skips the batches already trained
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     os.environ.setdefault("WANDB_SILENT", "true")
+    # Lightning's advertisement of its cloud logger on every run
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("💡 Tip"))
 
 
 if __name__ == "__main__":
@@ -55,6 +58,7 @@ from streamlic.export import export_package
 from streamlic.model import StreamLIC
 from streamlic.stage import STAGES
 from streamlic.sweep import context_macs_per_pixel, write_results
+from streamlic.threads import apply_thread_policy
 
 log = logging.getLogger("streamlic.train")
 
@@ -64,7 +68,7 @@ log = logging.getLogger("streamlic.train")
 RESUMABLE_KEYS = ("ckpt_path", "paths", "logger", "hydra", "test", "export", "checkpoint", "trainer.max_epochs",
                   "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
                   "trainer.enable_progress_bar", "callbacks.progress_bar", "data.num_workers", "data.pin_memory",
-                  "module.compile", "module.compile_mode")
+                  "module.compile", "module.compile_mode", "threads")
 RESUME_RECORD_DIR = ".hydra"  # a resume's Hydra record goes to .hydra/resume-<n>, next to the original
 
 
@@ -275,6 +279,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                           f"the command line ({missing[0]}=...)")
     parse_schedule(cfg.schedule.stages)  # schedule and launcher errors before anything is built
     check_launcher(cfg)
+    apply_thread_policy(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg)
     start_stage = load_init_checkpoint(model, cfg.init_from) if cfg.init_from else STAGES[0]
