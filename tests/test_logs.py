@@ -10,6 +10,7 @@ import torch
 
 from _training import TINY, run_script, schedule, script_env
 from streamlic import __version__
+from streamlic.config import ConfigError
 from streamlic.stage import STAGES
 from streamlic.threads import DEFAULT_THREADS, apply_thread_policy
 
@@ -63,3 +64,5 @@ def test_thread_policy_one_per_process_unless_asked_and_omp_num_threads_wins(mon
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(2)
     assert apply_thread_policy(3) == 2  # the user's OMP_NUM_THREADS: the policy changes nothing
+    with pytest.raises(ConfigError, match="^threads=-1: expected 0"):
+        apply_thread_policy(-1)

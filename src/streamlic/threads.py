@@ -27,15 +27,14 @@ def apply_thread_policy(requested: int | None = None) -> int:
     """Set torch's intra-op thread count by the policy above; logs the choice and returns the count in use."""
     import torch
 
+    if requested is not None and not (type(requested) is int and requested >= 0):
+        raise ConfigError(f"threads={requested}: expected 0 (torch's default) or a positive count")
     if "OMP_NUM_THREADS" in os.environ:
         reason = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
     elif requested == 0:
         reason = "threads=0: torch's default"
     else:
-        count = DEFAULT_THREADS if requested is None else int(requested)
-        if count < 0:
-            raise ConfigError(f"threads={requested}: expected 0 (torch's default) or a positive count")
-        torch.set_num_threads(count)
+        torch.set_num_threads(DEFAULT_THREADS if requested is None else requested)
         reason = "the default policy (one per process)" if requested is None else f"threads={requested}"
     log.info("CPU threads: %d (%s)", torch.get_num_threads(), reason)
     return torch.get_num_threads()
