@@ -3,7 +3,7 @@
 Why one: StreamLIC's CPU work is many small operations (the row engine decodes one latent row at
 a time; the demo and tiny models train on small crops), which gain little from more threads.
 OpenMP's worker threads spin while they wait, so a process using every core beside another busy
-process slows both down by up to 10x (BENCHMARKS.md, "Threads"). One thread also makes results
+process slows both down several times (BENCHMARKS.md, "Threads"). One thread also makes results
 independent of the machine's core count (float sums are split differently per thread count).
 
 The order of precedence: ``OMP_NUM_THREADS`` set by the user wins (nothing is changed); then an
