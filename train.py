@@ -50,6 +50,9 @@ def quiet_dependencies() -> None:
     # a mid-epoch checkpoint resumes exactly: the seeded training loader skips the batches already trained
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     os.environ.setdefault("WANDB_SILENT", "true")
+    # Lightning's advertisement of its cloud logger on every run
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("💡 Tip"))
 
 
 def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
@@ -166,6 +169,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                            read_run_record, schedule_epochs_done)
     from streamlic.stage import STAGES
     from streamlic.sweep import context_macs_per_pixel, write_results
+    from streamlic.threads import apply_thread_policy
 
     overrides = job_overrides()
     invocations = [invocation(overrides, cfg.ckpt_path)]
@@ -192,6 +196,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg = plain(cfg)
     parse_schedule(cfg.schedule.stages)  # schedule and launcher errors before anything is built
     check_launcher(cfg)
+    apply_thread_policy(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg)
     # a resumed run's stage callback restores its own start stage and epoch offset from the checkpoint

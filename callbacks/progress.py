@@ -1,11 +1,15 @@
-"""A TQDM progress bar that shows the training stage next to the metrics, and the schedule's epoch."""
+"""A TQDM progress bar that shows the training stage next to the metrics; plain text lines when not on a terminal."""
 
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+
+log = logging.getLogger(__name__)
 
 
 class StageProgressBar(TQDMProgressBar):
@@ -13,7 +17,18 @@ class StageProgressBar(TQDMProgressBar):
 
     Epochs are numbered as the stage schedule (and the stage report) counts them: a run
     started with ``init_from`` at stage 3 shows schedule epochs from that stage's start.
+
+    When stdout is not a terminal (a log file, a batch job) the bars, which redraw themselves
+    with carriage returns, are off and a line is logged every ``text_every_n_steps`` training
+    steps and at each epoch end instead. ``text``: true/false forces either; null decides by stdout.
     """
+
+    def __init__(self, *args: Any, text: bool | None = None, text_every_n_steps: int = 50, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.text = not sys.stdout.isatty() if text is None else text
+        self.text_every_n_steps = text_every_n_steps
+        if self.text:
+            self.disable()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
@@ -22,8 +37,28 @@ class StageProgressBar(TQDMProgressBar):
             return {"stage": model.stage, **items}
         return items
 
+    def _schedule_epoch(self, trainer: L.Trainer) -> int:
+        schedule = next((cb for cb in trainer.callbacks if hasattr(cb, "schedule_epoch")), None)
+        return trainer.current_epoch if schedule is None else schedule.schedule_epoch(trainer)
+
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
-        schedule = next((cb for cb in trainer.callbacks if hasattr(cb, "schedule_epoch")), None)
-        if schedule is not None:
-            self.train_progress_bar.set_description(f"Epoch {schedule.schedule_epoch(trainer)}")
+        self.train_progress_bar.set_description(f"Epoch {self._schedule_epoch(trainer)}")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.text and (batch_idx + 1) % self.text_every_n_steps == 0:
+            self._log_line(trainer, pl_module, f"step {batch_idx + 1}/{self.total_train_batches}")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.text:
+            self._log_line(trainer, pl_module, "end")
+
+    def _log_line(self, trainer: L.Trainer, pl_module: L.LightningModule, where: str) -> None:
+        if trainer.is_global_zero:
+            metrics = self.get_metrics(trainer, pl_module)
+            shown = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                              for key, value in metrics.items() if key != "v_num")
+            log.info("epoch %d %s: %s", self._schedule_epoch(trainer), where, shown)

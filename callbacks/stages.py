@@ -261,7 +261,7 @@ class StageSchedule(Callback):
             self.finish_stage(trainer, pl_module, index, epoch)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.write_report(trainer)
+        self.write_report(trainer, whole=True)
 
     # ------------------------------------------------------------------ learning rate
     def learning_rate(self, trainer: L.Trainer, batch_idx: int) -> float:
@@ -355,11 +355,16 @@ class StageSchedule(Callback):
     def rows(self) -> list[dict[str, Any]]:
         return [self.report[name] for name in STAGES if name in self.report]
 
-    def write_report(self, trainer: L.Trainer) -> None:
-        if not trainer.is_global_zero or self.rows() == self._reported:
+    def write_report(self, trainer: L.Trainer, whole: bool = False) -> None:
+        """Write stage_report.json and log the rows that changed since the last call (all rows if ``whole``)."""
+        if not trainer.is_global_zero:
+            return
+        changed = [row for row in self.rows() if not self._reported or row not in self._reported]
+        if changed or whole:
+            log.info("stage report (validation set):\n%s", format_report(self.rows() if whole else changed))
+        if not changed:
             return
         self._reported = copy.deepcopy(self.rows())
-        log.info("stage report (validation set):\n%s", format_report(self.rows()))
         if self.report_path is not None:
             self.report_path.parent.mkdir(parents=True, exist_ok=True)
             self.report_path.write_text(json.dumps({"stages": self.rows(), "finished": self.finished}, indent=2))

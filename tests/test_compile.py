@@ -38,10 +38,23 @@ def _assert_same_integers(out_eager, out_compiled, quantized: bool) -> None:
         torch.testing.assert_close(out_eager["x_hat"], out_compiled["x_hat"], rtol=0, atol=1e-5)
 
 
-def test_compiled_step_gives_the_eager_integers_in_every_stage_and_across_transitions(monkeypatch):
-    # integer emulation never runs under TF32 (docs/fixed-point.md), as the training module sets it
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+@pytest.fixture
+def no_tf32():
+    """TF32 off for the test, restored after it through the same public attributes.
+
+    Not monkeypatch: on the CUDA wheel ``torch.backends.cuda.matmul`` serves ``allow_tf32`` from
+    ``__getattr__``, which monkeypatch's undo cannot restore on every build.
+    """
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.usefixtures("no_tf32")  # integer emulation never runs under TF32 (docs/fixed-point.md), as training sets it
+def test_compiled_step_gives_the_eager_integers_in_every_stage_and_across_transitions():
     eager = tiny_model("w12a12", "aun").train().to(DEVICE)
     compiled = copy.deepcopy(eager)
     step = CompiledForward(forward_and_loss)

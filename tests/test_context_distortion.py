@@ -69,5 +69,9 @@ def test_masks_move_the_distortion_only_through_the_rounding_grid_centred_on_mu(
     mu_change = float((masked["mu"] - unmasked["mu"]).abs().mean())
     moved = float((masked["y_hat"] != unmasked["y_hat"]).float().mean())
     assert mu_change > 0.05 and moved > 0.05, (mu_change, moved)
-    # (this barely trained tiny model reconstructs poorly, so its PSNR moves by only ~0.005 dB; float noise is ~1e-6)
-    assert abs(masked["psnr"] - unmasked["psnr"]) > 1e-3, (masked["psnr"], unmasked["psnr"])
+    # ... and so the reconstruction: x_hat = g_s(y_hat) moves by ~0.04 per pixel (of 1.0) on average, four orders of
+    # magnitude above float noise (~1e-6). The PSNR change itself is not asserted: on this barely trained tiny model
+    # its size and sign depend on the build and thread count (0.007 dB here, 0.001 dB on another build).
+    pixel_change = float((masked["x_hat"] - unmasked["x_hat"]).abs().mean())
+    assert pixel_change > 1e-3, pixel_change
+    assert masked["psnr"] != unmasked["psnr"]

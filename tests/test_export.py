@@ -358,7 +358,9 @@ def test_wrong_block_count_names_the_layer(tmp_path):
 def test_hardware_report_counts_macs_independently_of_the_exporter(qat_model, package):
     directory, _, _ = package
     report = json.loads((directory / "hardware_report.json").read_text())
-    assert report["image_size"] == [192, 256]
+    assert report["image_size"] == [192, 256] and report["input_size"] == [150, 200]
+    first_line = (directory / "hardware_report.txt").read_text().splitlines()[0]
+    assert "192x256 image (height x width; the 150x200 input image padded to multiples of 64)" in first_line
     # count the multiply-accumulates the QAT model performs on a 192 x 256 image, from the shapes
     # its layers really produce: conv C_in kh kw per output, LAGC C + 2 per output, sparse layers
     # only their nonzero mask entries

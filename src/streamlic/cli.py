@@ -1,7 +1,7 @@
-"""The ``streamlic`` command line: export, compress, decompress, eval and prepare-data (see README.md).
+"""The streamlic command line: export, compress, decompress, eval and prepare-data (see README.md).
 
-The parser imports nothing heavy: each command loads torch and the library only when it runs,
-so ``streamlic --help`` answers at once.
+The parser imports nothing heavy: each command checks its paths first, then loads torch and
+the parts of the library it uses, so ``--help``, ``--version`` and path errors answer at once.
 """
 
 from __future__ import annotations
@@ -14,11 +14,15 @@ import time
 import warnings
 from pathlib import Path
 
+from . import __version__
+
 FILE_SUFFIX = ".slic"
 DECODED_SUFFIX = ".decoded.png"  # not .png: the source image usually still lies beside the file
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    _check_paths([Path(args.checkpoint), *([Path(args.image)] if args.image else [])], [], args.force)
+    _start_torch(args)
     from .images import load_image
     from .export import export_package
     from .model import StreamLIC
@@ -31,11 +35,30 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _timed_file_command(args: argparse.Namespace, output: Path, code) -> tuple[object, float]:
-    """Check the output, load the codec, run ``code(codec, output)``; returns its result and seconds."""
-    from .codec.io import check_output, load_codec
+def _check_paths(inputs: list[Path], outputs: list[Path | None], force: bool) -> None:
+    """Path errors before torch is imported: a missing input, an output that cannot be written."""
+    from .outputs import check_output
 
-    check_output(output, args.force)
+    for path in inputs:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or directory")
+    for path in outputs:
+        if path is not None:
+            check_output(path, force)
+
+
+def _start_torch(args: argparse.Namespace) -> None:
+    from .threads import apply_thread_policy
+
+    apply_thread_policy(args.threads)
+
+
+def _timed_file_command(args: argparse.Namespace, source: Path, output: Path, code) -> tuple[object, float]:
+    """Check the paths, load the codec, run ``code(codec, output)``; returns its result and seconds."""
+    _check_paths([source, args.checkpoint], [output], args.force)
+    _start_torch(args)
+    from .codec.io import load_codec
+
     codec = load_codec(args.checkpoint)
     start = time.perf_counter()
     result = code(codec, output)
@@ -43,33 +66,36 @@ def _timed_file_command(args: argparse.Namespace, output: Path, code) -> tuple[o
 
 
 def _run_compress(args: argparse.Namespace) -> int:
-    from .codec import encode_file
+    def encode(codec, output: Path):
+        from .codec.io import encode_file
+
+        return encode_file(codec, args.image, output, args.force)
 
     output = args.output or args.image.with_suffix(FILE_SUFFIX)
-    encoded, seconds = _timed_file_command(args, output, lambda codec, out: encode_file(codec, args.image, out,
-                                                                                        args.force))
+    encoded, seconds = _timed_file_command(args, args.image, output, encode)
     print(f"{output}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp "
           f"({encoded.width}x{encoded.height}, estimated {encoded.estimated_bpp:.4f} bpp), {seconds:.2f} s")
     return 0
 
 
 def _run_decompress(args: argparse.Namespace) -> int:
-    from .codec import decode_file
+    def decode(codec, output: Path):
+        from .codec.io import decode_file
+
+        return decode_file(codec, args.file, output, args.force)
 
     output = args.output or args.file.with_suffix(DECODED_SUFFIX)
-    image, seconds = _timed_file_command(args, output, lambda codec, out: decode_file(codec, args.file, out,
-                                                                                      args.force))
+    image, seconds = _timed_file_command(args, args.file, output, decode)
     print(f"{output}: {image.shape[2]}x{image.shape[1]} RGB PNG, {seconds:.2f} s")
     return 0
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    _check_paths([args.folder, *args.checkpoint, *args.compare], [args.output, args.plot], args.force)
+    _start_torch(args)
     from .codec.evaluate import RESULT_METRICS, compare, evaluate_folder, finite_mean, load_results, plot_rd
-    from .codec.io import check_output, write_atomically
+    from .codec.io import write_atomically
 
-    for path in (args.output, args.plot):
-        if path is not None:
-            check_output(path, args.force)
     compared = [load_results(path) for path in args.compare]  # fail on a bad file before the long run
     results = evaluate_folder(args.checkpoint, args.folder, name=args.name)
     for point in results["per_image"]:
@@ -97,6 +123,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_prepare_data(args: argparse.Namespace) -> int:
+    _check_paths([args.src], [], force=False)  # DST: the store itself decides (an unfinished store is resumed)
+    _start_torch(args)
     from .patches import prepare_store
 
     try:
@@ -122,9 +150,18 @@ def _format(value: float | None, width: int, decimals: int) -> str:
     return f"{'-':>{width}s}" if value is None else f"{value:{width}.{decimals}f}"
 
 
+def _thread_count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive count, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamlic", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages and show tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--threads", type=_thread_count, default=None,
+                        help="CPU threads (default: 1 per process, or OMP_NUM_THREADS when set; 0: torch's default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     export = sub.add_parser(

@@ -17,7 +17,6 @@ from typing import Literal, Sequence, Union
 
 import numpy as np
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from PIL import ExifTags, Image, ImageOps
 
 logger = logging.getLogger("streamlic.data")
@@ -155,10 +154,12 @@ def patch_hw(size: PatchSize, what: str) -> tuple[int, int]:
     return size_hw  # type: ignore[return-value]
 
 
-@rank_zero_only
 def report_skipped(source: str, reason: str) -> None:
-    # Rank zero only: under DDP every rank scans the same files, one report is enough.
-    logger.warning("skipping %s: %s", source, reason)
+    # Rank zero only: under DDP every rank scans the same files, one report is enough. Imported here:
+    # Lightning costs seconds at start-up, which the codec commands (no Lightning otherwise) need not pay.
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    rank_zero_only(logger.warning)("skipping %s: %s", source, reason)
 
 
 def _probe(path: Path) -> tuple[int, int] | str:

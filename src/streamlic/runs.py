@@ -24,7 +24,7 @@ from .stage import STAGES
 RESUMABLE_KEYS = ("ckpt_path", "paths", "logger", "hydra", "test", "export", "checkpoint", "trainer.max_epochs",
                   "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
                   "trainer.enable_progress_bar", "callbacks.progress_bar", "data.num_workers", "data.pin_memory",
-                  "module.compile", "module.compile_mode")
+                  "module.compile", "module.compile_mode", "threads")
 RESUME_RECORD_DIR = ".hydra"  # a resume's Hydra record goes to .hydra/resume-<n>, next to the original
 
 # Numbers the command line sets most often, checked before anything is imported: (key, may be null)

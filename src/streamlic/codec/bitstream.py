@@ -71,7 +71,7 @@ SYNTHESIS_HALO_ROWS = 1  # see StreamCodec.reconstruct
 
 
 class CodecError(ValueError):
-    """A codec input cannot be used: a damaged file, a wrong model, an existing output."""
+    """A codec input cannot be used: a damaged file, a wrong model."""
 
 
 @dataclass

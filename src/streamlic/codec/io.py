@@ -15,6 +15,7 @@ from ..images import ImageReadError, load_image
 from ..export import load_integer_model
 from ..integer_model import IntegerModel
 from ..model import StreamLIC
+from ..outputs import check_output
 from ..params import StageError
 from .bitstream import CodecError, EncodedImage, StreamCodec
 
@@ -109,15 +110,6 @@ def save_png(image: Tensor, file: BinaryIO | str | os.PathLike) -> None:
 
 def to_uint8(image: Tensor) -> Tensor:
     return torch.round(image.detach().clamp(0.0, 1.0) * 255.0).to(torch.uint8)
-
-
-def check_output(path: Path, force: bool) -> None:
-    if path.is_dir():
-        raise CodecError(f"{path}: is a directory")
-    if path.exists() and not force:
-        raise CodecError(f"{path}: already exists (use --force to overwrite it)")
-    if not path.parent.is_dir():
-        raise CodecError(f"{path}: directory {path.parent} does not exist")
 
 
 def _current_umask() -> int:

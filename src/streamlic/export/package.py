@@ -85,11 +85,9 @@ def export_package(model, out_dir: str | Path, image: Tensor | None = None,
     integer_model = IntegerModel.from_model(model, params=params)
     blocks_per_group = {short: layer.blocks_per_group for short, layer in model.sparse_layers().items()}
     streams, sections = hls_streams(params, hw, model_cfg, blocks_per_group)
-    if image is not None:
-        height, width = padded_size(*image.shape[-2:])
-    else:
-        height, width = REPORT_SIZE
-    report = hardware_report(params, hw, model_cfg, blocks_per_group, height, width)
+    input_size = tuple(image.shape[-2:]) if image is not None else None
+    height, width = padded_size(*input_size) if input_size else REPORT_SIZE
+    report = hardware_report(params, hw, model_cfg, blocks_per_group, height, width, input_size)
 
     directory = Path(out_dir)
     _prepare_output_dir(directory, force)

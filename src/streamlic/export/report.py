@@ -38,10 +38,11 @@ def _layer_table(model_cfg: ModelConfig, hw: HardwareConfig, height: int, width:
 
 def hardware_report(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, model_cfg: ModelConfig,
                     blocks_per_group: dict[str, int], height: int = REPORT_SIZE[0],
-                    width: int = REPORT_SIZE[1]) -> dict[str, Any]:
+                    width: int = REPORT_SIZE[1], input_size: tuple[int, int] | None = None) -> dict[str, Any]:
     """Per layer MACs (dense and block-sparse), weight bits, worst-case accumulator bits, blocks per group.
 
-    MACs count the multiply-accumulates of one ``height x width`` image: a convolution
+    MACs count the multiply-accumulates of one ``height x width`` image (``input_size``: the size of
+    the image before padding to that size, recorded and named in the text): a convolution
     ``C_out C_in kh kw`` per output position (the upsampling 2x2 conv at its ``(h+1)(w+1)``
     positions before the pixel shuffle), an LAGC ``C^2`` for its affine conv plus ``2C``
     for the gain and output products, a block-sparse layer only its active weights.
@@ -73,7 +74,8 @@ def hardware_report(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, mo
                          density=active / dense)
         layers.append(entry)
     totals = _totals(layers, height * width)
-    return {"image_size": [height, width], "hardware": hw.to_dict(), "model": model_cfg.to_dict(),
+    return {"image_size": [height, width], "input_size": None if input_size is None else list(input_size),
+            "hardware": hw.to_dict(), "model": model_cfg.to_dict(),
             "layers": layers, "totals": totals}
 
 
@@ -92,8 +94,12 @@ def _totals(layers: list[dict[str, Any]], pixels: int) -> dict[str, Any]:
 
 def format_hardware_report(report: dict[str, Any]) -> str:
     height, width = report["image_size"]
+    if report.get("input_size"):
+        source = "the {}x{} input image padded to multiples of {}".format(*report["input_size"], topology.PAD_MULTIPLE)
+    else:
+        source = "no image given: the default report size"
     hw = report["hardware"]
-    lines = [f"StreamLIC hardware report: {height}x{width} image, {hw['name']} "
+    lines = [f"StreamLIC hardware report: {height}x{width} image (height x width; {source}), {hw['name']} "
              f"(A={hw['activation_bits']}, W={hw['weight_bits']}, P={hw['precision_bits']}, "
              f"accumulator {hw['accumulator_bits']} bits, blocks {hw['block_in']}x{hw['block_out']})", "",
              f"{'layer':<22}{'kind':<18}{'in':>5}{'out':>6}{'k':>6}{'MACs dense':>15}{'MACs sparse':>15}"
