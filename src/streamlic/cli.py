@@ -50,7 +50,7 @@ def _check_paths(inputs: list[Path], outputs: list[Path | None], force: bool) ->
 def _start_torch(args: argparse.Namespace) -> None:
     from .threads import apply_thread_policy
 
-    apply_thread_policy(args.threads)
+    apply_thread_policy(args.threads, log_level=logging.DEBUG)  # shown with --verbose
 
 
 def _timed_file_command(args: argparse.Namespace, source: Path, output: Path, code) -> tuple[object, float]:

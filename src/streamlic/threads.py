@@ -23,8 +23,9 @@ DEFAULT_THREADS = 1
 log = logging.getLogger("streamlic")
 
 
-def apply_thread_policy(requested: int | None = None) -> int:
-    """Set torch's intra-op thread count by the policy above; logs the choice and returns the count in use."""
+def apply_thread_policy(requested: int | None = None, log_level: int = logging.INFO) -> int:
+    """Set torch's intra-op thread count by the policy above; logs the choice at ``log_level`` and returns the
+    count in use (the training log records it; a command's own output stays its result or its one error line)."""
     import torch
 
     if requested is not None and not (type(requested) is int and requested >= 0):
@@ -36,5 +37,5 @@ def apply_thread_policy(requested: int | None = None) -> int:
     else:
         torch.set_num_threads(DEFAULT_THREADS if requested is None else requested)
         reason = "the default policy (one per process)" if requested is None else f"threads={requested}"
-    log.info("CPU threads: %d (%s)", torch.get_num_threads(), reason)
+    log.log(log_level, "CPU threads: %d (%s)", torch.get_num_threads(), reason)
     return torch.get_num_threads()
