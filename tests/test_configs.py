@@ -136,3 +136,16 @@ def test_ddp_popen_inside_a_local_multirun_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="trainer.strategy.*multirun"):
         load_train_module().train(cfg)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name", ["w12a12", "w8a8"])
+def test_hardware_constants_are_the_hardware_config_group(name):
+    """HardwareConfig's defaults and W8A8 restate conf/hardware/*.yaml: they stay equal."""
+    from omegaconf import OmegaConf
+
+    from streamlic import W8A8, W12A12
+    from streamlic.config import HardwareConfig
+
+    constant = {"w12a12": W12A12, "w8a8": W8A8}[name]
+    assert HardwareConfig(**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "hardware" / f"{name}.yaml"))) == constant
+    assert (HardwareConfig() == constant) == (name == "w12a12")

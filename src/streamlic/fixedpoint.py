@@ -19,15 +19,13 @@ import torch
 from torch import Tensor
 
 from .config import HardwareConfig
+from .formats import SCALE_INDEX_MAX, SCALE_LEVELS, SYMBOL_COLUMNS, SYMBOL_MAX  # noqa: F401 - the contract names them
 
-SYMBOL_MAX = 127  # latent and hyper-latent symbols are 8-bit: [-127, 127]
-SYMBOL_COLUMNS = 256  # a probability table row covers symbols -127..128 (column = symbol + 127)
-SCALE_LEVELS = 128  # entropy-model scale levels ("pdf index")
 # sigma = 2**(log2 sigma_min + index * step) with log2 sigma_min = -111/32 and step 3/32, so a
 # real entropy-parameter output v = 2 log2 sigma maps to index = (16 v + 111) / 3.
 LOG2_SIGMA_MIN = -111.0 / 32.0
 LOG2_SIGMA_STEP = 3.0 / 32.0
-LOG2_SIGMA_MAX = LOG2_SIGMA_MIN + (SCALE_LEVELS - 1) * LOG2_SIGMA_STEP  # 270/32
+LOG2_SIGMA_MAX = LOG2_SIGMA_MIN + SCALE_INDEX_MAX * LOG2_SIGMA_STEP  # 270/32
 INDEX_PER_V = 16.0 / 3.0
 INDEX_OFFSET = 111.0 / 3.0  # = 37
 LEAKY_SHIFT = 6  # LeakyReLU slope 1/64

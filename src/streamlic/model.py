@@ -17,8 +17,9 @@ from . import fixedpoint as fxp
 from . import topology
 from .config import HardwareConfig, ModelConfig, checkpoint_fixed, hardware_config, model_config, sparsity_config
 from .entropy import RectifiedPDF, bottleneck_pmf_table, gaussian_pmf_table
-from .layers import (LAGC, ChannelAddition, FGPConv2d, IntegerParameters, QConv2d, QLeakyReLU, QuantLayer,
-                     QUpsampleConv2d, RangeTracker, straight_through)
+from .kinds import build_qat
+from .layers import (ChannelAddition, FGPConv2d, IntegerParameters, QLeakyReLU, QuantLayer, RangeTracker,
+                     straight_through)
 from .params import export_quantized_parameters
 from .stage import STATE_VERSION, StageState, stage_state_of_version_1
 
@@ -50,7 +51,7 @@ class StreamLIC(StageState, CompressionModel):
         super().__init__()
         self.model_cfg, self.hw, self.sparsity_cfg = mcfg, hw, sp
         for name, specs in topology.network(mcfg).items():
-            setattr(self, name, nn.Sequential(*(_build_layer(spec, hw, sp) for spec in specs)))
+            setattr(self, name, nn.Sequential(*(build_qat(spec, hw, sp) for spec in specs)))
         self._report_density_rounding()
         self.entropy_bottleneck = EntropyBottleneck(mcfg.N)
         self.gaussian_conditional = GaussianConditional(None, scale_bound=2.0**fxp.LOG2_SIGMA_MIN)
@@ -279,7 +280,7 @@ class StreamLIC(StageState, CompressionModel):
             sigma = fxp.sigma_from_index(odd)
         else:
             sigma = fxp.sigma_from_v(odd)
-            index = torch.clamp(torch.floor(fxp.scale_index_from_v(odd.detach()) + 0.5), 0, fxp.SCALE_LEVELS - 1)
+            index = torch.clamp(torch.floor(fxp.scale_index_from_v(odd.detach()) + 0.5), 0, fxp.SCALE_INDEX_MAX)
         return means, sigma, index
 
     @property
@@ -424,32 +425,6 @@ class StreamLIC(StageState, CompressionModel):
             "z_symbols": z_symbols,
             "pdf_index": index,
         }
-
-
-def _build_layer(spec: topology.LayerSpec, hw, sp) -> nn.Module:
-    """The module of one row of the network table."""
-    fixed = hw.latent_scale if spec.fixed_scale else None
-    latent = spec.role == "latent"
-    float_range = fxp.fixed_scale_range(fxp.FLOAT_STAGE_HARDWARE, latent) if spec.fixed_scale else None
-    if spec.kind == topology.CONV:
-        bound = fxp.latent_bound(hw) if latent else None
-        return QConv2d(spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding, hw=hw,
-                       fixed_scale=fixed, out_bound=bound, float_range=float_range)
-    if spec.kind == topology.SPARSE:
-        return FGPConv2d(spec.in_channels, spec.out_channels, spec.kernel, spec.padding, hw=hw, fixed_scale=fixed,
-                         group_num=sp.group_num(spec.sparse, spec.in_channels, hw.block_in),
-                         pdf_index=spec.role == "pdf_index", float_range=float_range)
-    if spec.kind == topology.UPSAMPLE:
-        return QUpsampleConv2d(spec.in_channels, spec.out_channels, hw, fixed_scale=fixed, float_range=float_range)
-    if spec.kind == topology.LAGC:
-        return LAGC(spec.out_channels, hw)
-    if spec.kind == topology.LEAKY:
-        return QLeakyReLU()
-    if spec.kind == topology.CHANNEL_ADD:
-        return ChannelAddition(hw, hw.latent_scale)
-    if spec.kind == topology.PAD:
-        return nn.ZeroPad2d(spec.pad)
-    return nn.Identity()  # the context model's padding slot
 
 
 def _upgrade_state_dict(module, state_dict, prefix, *args) -> None:

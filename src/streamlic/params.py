@@ -16,7 +16,8 @@ from torch import Tensor
 
 from . import fixedpoint as fxp
 from .config import HardwareConfig
-from .layers import LAGC, FGPConv2d, QConv2d
+from . import topology
+from .kinds import kind_of
 
 if TYPE_CHECKING:
     from .model import StreamLIC
@@ -24,10 +25,6 @@ if TYPE_CHECKING:
 BIAS_KEYS = ("bias", "affine_bias", "score_bias")
 MULTIPLIER_KEYS = (("scale_param", "scale_shift"), ("affine_scale_param", "affine_scale_shift"),
                    ("score_scale_param", "score_scale_shift"), ("output_scale_param", "output_scale_shift"))
-LAGC_KEYS = ("affine_weight", "affine_bias", "affine_scale_param", "affine_scale_shift", "score_scale_param",
-             "score_scale_shift", "score_bias", "output_scale_param", "output_scale_shift")
-CONV_KEYS = ("weight", "bias", "scale_param", "scale_shift")
-FLOAT_KEYS = ("float_input_scale", "float_output_scale")
 
 
 class ExportError(ValueError):
@@ -61,11 +58,16 @@ def export_quantized_parameters(model: StreamLIC) -> dict[str, dict[str, Tensor]
     require_integer_stage(model, "export_quantized_parameters")
     exact = copy.deepcopy(model).cpu().double()  # the float64 integers are the ones the harness checks
     params: dict[str, dict[str, Tensor]] = {}
-    for name, module in exact.named_modules():
-        if not isinstance(module, (QConv2d, LAGC)):
+    for spec in topology.layers(model.model_cfg):
+        fields = kind_of(spec).fields
+        if not fields:
             continue
+        name, module = spec.path, exact.get_submodule(spec.path)
         layer = {key: _integers(name, key, value) for key, value in module.integer_params().items()}
-        if isinstance(module, FGPConv2d):
+        if set(layer) != set(fields):
+            raise ExportError(f"{name}: integer_params() gives {sorted(layer)}, its kind {spec.kind} exports "
+                              f"{sorted(fields)} (streamlic.kinds)")
+        if "mask" in fields:
             # an unmasked layer uses every block
             layer["mask"] = layer["mask"] if module.masked else torch.ones_like(layer["mask"])
             _check_masked_weights(name, layer["weight"], layer["mask"])

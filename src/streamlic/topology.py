@@ -14,10 +14,12 @@ from functools import lru_cache
 
 from typing import TYPE_CHECKING
 
-from .config import ModelConfig
+from .formats import SYMBOL_MAX
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+    from .config import HardwareConfig, ModelConfig
 
 SUBNETWORKS = ("g_a", "h_a", "h_s", "g_s", "context_prediction", "entropy_parameters")
 LATENT_STRIDE = 16  # image pixels per latent pixel (four stride-2 convolutions)
@@ -26,7 +28,10 @@ HYPER_ANALYSIS_PAD = (1, 1, 2, 0)  # causal: left, right, top, bottom (what the 
 CONTEXT_ROWS = 3  # a latent row is predicted from the three rows above it
 CONTEXT_PAD = (1, 1, CONTEXT_ROWS, 0)  # left, right, top, bottom of the context model's input
 
-# kinds of layers
+# the block-sparse layers of the row engine, by their short names
+CTX1, CTX2, EP = SPARSE_LAYERS = ("ctx1", "ctx2", "ep")
+
+# kinds of layers (streamlic.kinds registers what each one is built from)
 CONV, LAGC, UPSAMPLE, LEAKY, PAD, SLOT, CHANNEL_ADD, SPARSE = (
     "conv", "lagc", "upsample", "leaky", "pad", "slot", "channel_add", "sparse")
 
@@ -82,14 +87,14 @@ def network(cfg: ModelConfig) -> dict[str, tuple[LayerSpec, ...]]:
                 LayerSpec("g_s.6", UPSAMPLE, c1, 3, (2, 2))),
         # index 0 is the research code's padding slot: rows arrive padded (CONTEXT_PAD)
         "context_prediction": (LayerSpec("context_prediction.0", SLOT, m, m),
-                               LayerSpec("context_prediction.1", SPARSE, m, 2 * m, (3, 3), sparse="ctx1"),
+                               LayerSpec("context_prediction.1", SPARSE, m, 2 * m, (3, 3), sparse=CTX1),
                                LayerSpec("context_prediction.2", LEAKY, 2 * m, 2 * m),
                                LayerSpec("context_prediction.3", SPARSE, 2 * m, 2 * m, (1, 3), padding=(0, 1),
-                                         fixed_scale=True, sparse="ctx2")),
+                                         fixed_scale=True, sparse=CTX2)),
         "entropy_parameters": (LayerSpec("entropy_parameters.0", CHANNEL_ADD, 4 * m, 2 * m),
                                LayerSpec("entropy_parameters.1", LEAKY, 2 * m, 2 * m),
                                LayerSpec("entropy_parameters.2", SPARSE, 2 * m, 2 * m, (1, 3), padding=(0, 1),
-                                         fixed_scale=True, sparse="ep", role="pdf_index")),
+                                         fixed_scale=True, sparse=EP, role="pdf_index")),
     }
 
 
@@ -109,6 +114,20 @@ def layer_with(cfg: ModelConfig, *, role: str | None = None, sparse: str | None 
 def sparse_paths(cfg: ModelConfig) -> dict[str, str]:
     """The block-sparse layers of the row engine: ``{"ctx1": "context_prediction.1", ...}``."""
     return {spec.sparse: spec.path for spec in layers(cfg) if spec.kind == SPARSE}
+
+
+def input_bound(spec: LayerSpec, hw: HardwareConfig) -> int:
+    """The largest |integer| entering a layer: the image into ``g_a.0``, the 8-bit hyper symbols into
+    ``h_s.0``, an activation anywhere else."""
+    return {"g_a.0": hw.image_max, "h_s.0": SYMBOL_MAX}.get(spec.path, hw.act_max)
+
+
+def row_engine_paths(cfg: ModelConfig) -> dict[str, str]:
+    """The row engine's tensors under their module paths: ctx1, its LeakyReLU, ctx2, the channel addition,
+    its LeakyReLU, ep."""
+    context, entropy = network(cfg)["context_prediction"], network(cfg)["entropy_parameters"]
+    return {"ctx1": context[1].path, "ctx1_act": context[2].path, "ctx2": context[3].path,
+            "summed": entropy[0].path, "summed_act": entropy[1].path, "ep": entropy[2].path}
 
 
 def padded_size(height: int, width: int) -> tuple[int, int]:

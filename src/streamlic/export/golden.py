@@ -194,7 +194,7 @@ def _corner_case_vectors(integer_model: IntegerModel, height: int, width: int, d
     under ``unreachable``; reachable ones that no seed reached under ``unreached``, with a warning.
     """
     act = integer_model.hw.act_max
-    bounds = {"pdf_index": (0, fxp.SCALE_LEVELS - 1)}
+    bounds = {"pdf_index": (0, fxp.SCALE_INDEX_MAX)}
     unreachable = []
     worst = worst_case_outputs(integer_model)
     for name, (lowest, highest) in worst.items():
