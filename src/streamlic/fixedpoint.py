@@ -141,12 +141,14 @@ def clamp_bias(b_q: Tensor, hw: HardwareConfig) -> Tensor:
     return torch.clamp(b_q, -hw.bias_max, hw.bias_max)
 
 
-def quantize_bias(bias: Tensor, out_scale: Tensor | float, hw: HardwareConfig, rounding=torch.round) -> Tensor:
+def quantize_bias(quotient: Tensor, bias_max: float) -> Tensor:
     """``b_q = clamp(round(2**r * b / s_out), +-(2**(P-1) - 1))``: the bias added at the residual precision.
 
-    ``rounding`` lets QAT pass a straight-through rounding with the same forward value.
+    ``quotient`` is the real bias integer ``2**r * b / s_out`` and ``bias_max`` the P-bit bound
+    (``hw.bias_max``). The QAT layers call it through :class:`streamlic.layers.quant.QuantizeBias`
+    on a float64 quotient, so the integer does not depend on the training precision.
     """
-    return clamp_bias(rounding(bias * (2.0**hw.residual_bits) / out_scale), hw)
+    return torch.round(quotient).clamp_(-bias_max, bias_max)
 
 
 def weight_scale(weight_absmax: Tensor, hw: HardwareConfig) -> Tensor:
@@ -292,14 +294,14 @@ def scale_index_factor(factor: Tensor, out_scale: Tensor | float) -> Tensor:
     """Fold ``index = (16 v + 111) / 3`` into the requantization factor of a layer's odd channels.
 
     ``factor`` is ``2**r s_in s_w / s_out``; the folded one is ``2**r s_in s_w * 16 / 3``, so the
-    integer layer outputs the scale index directly (then clamped to [0, 127]).
+    integer layer outputs the scale index directly (then clamped to [0, SCALE_INDEX_MAX]).
     """
     return factor * (INDEX_PER_V * out_scale)
 
 
-def scale_index_bias(bias: Tensor, hw: HardwareConfig, rounding=torch.round) -> Tensor:
+def scale_index_bias(bias: Tensor, hw: HardwareConfig) -> Tensor:
     """Folded integer bias of the odd channels: ``round(2**r * (16 b / 3 + 37))``, P-bit clamped."""
-    return clamp_bias(rounding(scale_index_bias_quotient(bias, hw)), hw)
+    return quantize_bias(scale_index_bias_quotient(bias, hw), hw.bias_max)
 
 
 def scale_index_bias_quotient(bias: Tensor, hw: HardwareConfig) -> Tensor:

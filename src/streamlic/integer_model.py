@@ -242,24 +242,24 @@ class IntegerModel:
         batch, channels, height, width = params_q.shape
         if channels != 2 * self.M:
             raise ValueError(f"hyper output has {channels} channels, expected 2M = {2 * self.M}")
-        padded = params_q.new_zeros(batch, self.M, height + 3, width + 2)
+        padded = topology.context_buffer(params_q[:, :self.M], height, width)
         symbols = params_q.new_empty(batch, self.M, height, width)
         pdf_index = torch.empty_like(symbols)
         for h in range(height):
-            layers = self._predict_row(padded[:, :, h:h + 3], params_q[:, :, h:h + 1], saturation)
+            layers = self._predict_row(topology.context_window(padded, h), params_q[:, :, h:h + 1], saturation)
             ep = layers[self.row_paths["ep"]]
             mu_q, index = ep[:, 0::2], ep[:, 1::2]
             row_symbols = next_symbols(h, mu_q, index)
             symbols[:, :, h:h + 1] = row_symbols
             pdf_index[:, :, h:h + 1] = index
-            padded[:, :, h + 3:h + 4, 1:-1] = fxp.dequantize_latent(row_symbols, mu_q, self.hw)
+            topology.context_interior(padded, h).copy_(fxp.dequantize_latent(row_symbols, mu_q, self.hw))
             if saturation is not None:
                 saturation.add("latent_hat", fxp.dequantized_latent_unclamped(row_symbols, mu_q, self.hw),
                                -self.hw.act_max, self.hw.act_max)
             if record is not None:
                 for name, tensor in layers.items():
                     record.setdefault(name, []).append(tensor)
-        return {"symbols": symbols, "pdf_index": pdf_index, "y_hat_q": padded[:, :, 3:, 1:-1]}
+        return {"symbols": symbols, "pdf_index": pdf_index, "y_hat_q": topology.context_interior(padded)}
 
     def encode_rows(self, y_q: Tensor, params_q: Tensor, record: dict[str, list[Tensor]] | None = None,
                     saturation: SaturationCounts | None = None) -> dict[str, Tensor]:

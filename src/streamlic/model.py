@@ -90,7 +90,7 @@ class StreamLIC(StageState, CompressionModel):
         """Warn (once, at construction) where the block grid turns a requested density into another one."""
         for name, layer in self.sparse_layers().items():
             requested = self.sparsity_cfg.requested_density(name)
-            achieved = layer.blocks_per_group / layer.blocks_total
+            achieved = topology.density(layer.blocks_per_group, layer.blocks_total)
             if requested is not None and abs(achieved - requested) > 1e-9:
                 key = f"sparsity.layers.{name}" if name in self.sparsity_cfg.layers else "sparsity.density"
                 log.warning("%s=%g: %s keeps %d of %d input groups per tap and output group, density %.4g "
@@ -130,8 +130,9 @@ class StreamLIC(StageState, CompressionModel):
     def _cut_masks(self) -> None:
         for name, layer in self.sparse_layers().items():
             layer.set_mask()
-            log.info("%s: block mask cut, %d of %d blocks per output group kept (density %.4g)", name,
-                     layer.blocks_per_group, layer.blocks_total, layer.blocks_per_group / layer.blocks_total)
+            kept, total = layer.blocks_per_group, layer.blocks_total
+            log.info("%s: block mask cut, %d of %d blocks per output group kept (density %.4g)", name, kept, total,
+                     topology.density(kept, total))
 
     def _init_tables(self) -> None:
         sigmas = fxp.sigma_levels(torch.float32).to(self.rectified_cdf_y.logits.device)
@@ -303,19 +304,19 @@ class StreamLIC(StageState, CompressionModel):
         """
         ls = self.grid_hw.latent_scale
         b, c, height, width = y.shape
-        padded = y.new_zeros(b, c, height + 3, width + 2)
+        padded = topology.context_buffer(y, height, width)
         y_q = y / ls
         residuals = torch.empty_like(y)  # symbols before their clamp; clamped and counted once after the loop
         ep_rows = []
         row_step = self._row_step or type(self).decode_row
         for h in range(height):
-            y_hat_row, residuals[:, :, h:h + 1], ep = row_step(self, padded[:, :, h:h + 3], params[:, :, h:h + 1],
-                                                               y_q[:, :, h:h + 1])
-            padded[:, :, h + 3:h + 4, 1:-1] = y_hat_row
+            y_hat_row, residuals[:, :, h:h + 1], ep = row_step(self, topology.context_window(padded, h),
+                                                               params[:, :, h:h + 1], y_q[:, :, h:h + 1])
+            topology.context_interior(padded, h).copy_(y_hat_row)
             ep_rows.append(ep)
         self.clamped_symbols += (residuals.abs() > fxp.SYMBOL_MAX).sum()
         symbols = fxp.clamp_symmetric(residuals, fxp.SYMBOL_MAX)
-        return padded[:, :, 3:, 1:-1], symbols, torch.cat(ep_rows, dim=2)
+        return topology.context_interior(padded), symbols, torch.cat(ep_rows, dim=2)
 
     def decode_row(self, window: Tensor, params_row: Tensor, y_q_row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One latent row from the three decoded rows above it (``window``, padded): ŷ of the row, its

@@ -130,6 +130,30 @@ def row_engine_paths(cfg: ModelConfig) -> dict[str, str]:
             "summed": entropy[0].path, "summed_act": entropy[1].path, "ep": entropy[2].path}
 
 
+def context_buffer(like: Tensor, height: int, width: int) -> Tensor:
+    """Zeros [B, C, height + CONTEXT_ROWS, width + 2] (``like``'s batch, channels, dtype, device): the decoded
+    latent rows with the context model's padding (:data:`CONTEXT_PAD`) around them."""
+    left, right, top, bottom = CONTEXT_PAD
+    return like.new_zeros(like.shape[0], like.shape[1], height + top + bottom, width + left + right)
+
+
+def context_window(buffer: Tensor, row: int) -> Tensor:
+    """The padded rows above latent row ``row``: the context model's input for it."""
+    return buffer[:, :, row:row + CONTEXT_ROWS]
+
+
+def context_interior(buffer: Tensor, row: int | None = None) -> Tensor:
+    """Latent row ``row`` inside the padded buffer (all rows when ``row`` is None), a view to write or read."""
+    left, right, top, _ = CONTEXT_PAD
+    rows = slice(top, None) if row is None else slice(top + row, top + row + 1)
+    return buffer[:, :, rows, left:buffer.shape[-1] - right]
+
+
+def density(active: int | float, total: int | float) -> float:
+    """The fraction of a block-sparse layer kept: active blocks (or MACs) over all of them."""
+    return active / total
+
+
 def padded_size(height: int, width: int) -> tuple[int, int]:
     """An image size rounded up to the multiple of :data:`PAD_MULTIPLE` the network codes."""
     return math.ceil(height / PAD_MULTIPLE) * PAD_MULTIPLE, math.ceil(width / PAD_MULTIPLE) * PAD_MULTIPLE

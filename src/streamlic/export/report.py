@@ -69,7 +69,7 @@ def hardware_report(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, mo
             entry.update(blocks_per_group=blocks_per_group[row["short_name"]],
                          block_count_per_group=[int(n) for n in blocks.flatten(1).sum(dim=1)],
                          blocks_total_per_group=int(blocks[0].numel()),
-                         density=active / dense)
+                         density=topology.density(active, dense))
         layers.append(entry)
     totals = _totals(layers, height * width)
     return {"image_size": [height, width], "hardware": hw.to_dict(), "model": model_cfg.to_dict(),
