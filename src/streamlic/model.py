@@ -36,7 +36,9 @@ class StreamLIC(StageState, CompressionModel):
 
     Sizes come from ``model`` (:class:`ModelConfig` or a mapping), bit-widths from
     ``hardware``, densities of the context layers from ``sparsity``. ``N`` and ``M`` are
-    accepted as keyword shortcuts, as in the original research code.
+    accepted as keyword shortcuts, as in the original research code. compressai's
+    ``compress``/``decompress`` are attached by :mod:`streamlic.codec` (which builds on this
+    module and runs them); ``from streamlic import StreamLIC`` loads it.
     """
 
     def __init__(self, N: int | None = None, M: int | None = None, *, model: Any = None, hardware: Any = None,
@@ -187,22 +189,6 @@ class StreamLIC(StageState, CompressionModel):
         if scale_table is None:
             scale_table = fxp.sigma_levels(torch.float32)
         return super().update(scale_table=scale_table, force=force, update_quantiles=update_quantiles)
-
-    def compress(self, x: Tensor) -> dict[str, Any]:
-        """compressai's ``compress``: ``{"strings": [y_strings, z_strings], "shape": z_shape}``.
-
-        Runs the exact integer model (stage 3 or later); ``x`` [B, 3, H, W] in [0, 1] is padded
-        to a multiple of 64. For many calls build one :class:`streamlic.codec.StreamCodec`.
-        """
-        from .codec import compress_batch  # lazy: the codec imports this module
-
-        return compress_batch(self, x)
-
-    def decompress(self, strings: list, shape) -> dict[str, Tensor]:
-        """compressai's ``decompress``: ``{"x_hat": ...}`` at the padded size, from the exact integer decoder."""
-        from .codec import decompress_batch
-
-        return decompress_batch(self, strings, shape)
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
