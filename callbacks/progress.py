@@ -12,8 +12,11 @@ class StageProgressBar(TQDMProgressBar):
     """Lightning's TQDM bar with ``stage=<name>`` first in its postfix.
 
     Epochs are numbered as the stage schedule (and the stage report) counts them: a run
-    started with ``init_from`` at stage 3 shows schedule epochs from that stage's start.
+    started with ``init_from`` at stage 3 shows schedule epochs from that stage's start (the
+    module's ``schedule_position``, which the stage schedule publishes).
     """
+
+    state_key = "StageProgressBar"
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
@@ -22,8 +25,6 @@ class StageProgressBar(TQDMProgressBar):
             return {"stage": model.stage, **items}
         return items
 
-    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        schedule = next((cb for cb in trainer.callbacks if hasattr(cb, "schedule_epoch")), None)
-        if schedule is not None:
-            self.train_progress_bar.set_description(f"Epoch {schedule.schedule_epoch(trainer)}")
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self.train_progress_bar.set_description(f"Epoch {pl_module.schedule_position.schedule_epoch(trainer)}")
