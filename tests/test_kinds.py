@@ -27,7 +27,7 @@ def probe_kind():
         qat=lambda spec, hw, sp: ProbeConv(spec.in_channels, spec.out_channels, spec.kernel, hw=hw),
         integer=lambda spec, p, ctx: IntegerConv(spec.path, p, ctx.hw, ctx.input_bound),
         fields={**kinds.CONV_FIELDS, "probe_gain": kinds.MULTIPLIER},
-        integer_step=lambda module: module.output_scale_map(), report_kind="probe"))
+        integer_step=lambda module: module.output_scale_map(), report_kind="probe", geometry=kinds.CONV_GEOMETRY))
     yield kind
     kinds.unregister(PROBE)
 
@@ -55,6 +55,9 @@ def test_a_kind_registered_alone_builds_a_qat_layer_bit_exact_with_its_integer_l
     assert float((qat - torch.round(qat)).abs().max()) < 1e-6  # on the integer grid
     assert bool((integer != 0).any())
     assert _c_type_for("probe_gain", hw) == "uint16_t"  # the header writes the new field in its width
+    # the network table's geometry reads the entry too: a weighted layer, its positions and MACs
+    assert spec.weighted and topology.conv_positions(spec, 5, 7) == topology.output_size(spec, 5, 7) == (5, 7)
+    assert topology.macs_per_position(spec) == 8 * 6
 
 
 def test_unregistering_forgets_the_kind_and_its_own_fields(probe_kind):
@@ -63,6 +66,8 @@ def test_unregistering_forgets_the_kind_and_its_own_fields(probe_kind):
         kinds.kind_of(topology.LayerSpec("probe.0", PROBE))
     with pytest.raises(KeyError):
         kinds.field_bits("probe_gain", W12A12)
+    with pytest.raises(KeyError, match="no layer kind"):
+        topology.output_size(topology.LayerSpec("probe.0", PROBE), 4, 4)
     assert kinds.field_bits("weight", W12A12) == (W12A12.weight_bits, True)
     kinds.register(probe_kind)  # the fixture unregisters it again
 
@@ -73,6 +78,10 @@ def test_every_kind_of_the_network_is_registered_and_field_formats_agree():
     assert {spec.kind for spec in topology.layers(ModelConfig())} <= set(kinds.KINDS)
     with pytest.raises(ValueError, match="already registered"):
         kinds.register(kinds.KINDS[topology.CONV])
-    clash = kinds.LayerKind("clash", qat=None, integer=None, fields={"weight": kinds.BIAS})
+    clash = kinds.LayerKind("clash", qat=None, integer=None, fields={"weight": kinds.BIAS},
+                            geometry=kinds.CONV_GEOMETRY)
     with pytest.raises(ValueError, match="field weight"):
         kinds.register(clash)
+    with pytest.raises(ValueError, match="counts MACs"):
+        kinds.register(kinds.LayerKind("unweighed", qat=None, integer=None, fields={"weight": kinds.WEIGHT}))
+    assert "clash" not in kinds.KINDS and "unweighed" not in topology.GEOMETRY

@@ -204,7 +204,7 @@ class IntegerModel:
         if saturation is not None:
             raw = layer.requantize(acc, clamped=False)
             act = self.hw.act_max
-            if short == "ep":
+            if short == topology.EP:
                 saturation.add("ep_mean", raw[:, 0::2], -act, act)
                 saturation.add("pdf_index", raw[:, 1::2], 0, fxp.SCALE_INDEX_MAX)
             else:
@@ -213,16 +213,16 @@ class IntegerModel:
 
     def _predict_row(self, prev_rows: Tensor, params_row: Tensor,
                      saturation: SaturationCounts | None = None) -> dict[str, Tensor]:
-        ctx1 = self._context_layer("ctx1", prev_rows, saturation)
+        ctx1 = self._context_layer(topology.CTX1, prev_rows, saturation)
         ctx1_act = fxp.leaky_relu(ctx1)
-        ctx2 = self._context_layer("ctx2", ctx1_act, saturation)
+        ctx2 = self._context_layer(topology.CTX2, ctx1_act, saturation)
         if saturation is not None:
             saturation.add("channel_addition", params_row + ctx2, -self.hw.act_max, self.hw.act_max)
         summed = fxp.channel_add(params_row, ctx2, self.hw)
         summed_act = fxp.leaky_relu(summed)
-        ep = self._context_layer("ep", summed_act, saturation)
-        tensors = {"ctx1": ctx1, "ctx1_act": ctx1_act, "ctx2": ctx2, "summed": summed, "summed_act": summed_act,
-                   "ep": ep}
+        ep = self._context_layer(topology.EP, summed_act, saturation)
+        tensors = {topology.CTX1: ctx1, "ctx1_act": ctx1_act, topology.CTX2: ctx2, "summed": summed,
+                   "summed_act": summed_act, topology.EP: ep}
         return {self.row_paths[name]: tensor for name, tensor in tensors.items()}
 
     def predict_row(self, prev_rows: Tensor, params_row: Tensor) -> tuple[Tensor, Tensor]:
@@ -232,7 +232,7 @@ class IntegerModel:
         padded by one column left and right (zeros above the first row).
         ``params_row`` [B, 2M, 1, w]: the hyper output of this row.
         """
-        ep = self._predict_row(as_int64(prev_rows), as_int64(params_row))[self.row_paths["ep"]]
+        ep = self._predict_row(as_int64(prev_rows), as_int64(params_row))[self.row_paths[topology.EP]]
         return ep[:, 0::2], ep[:, 1::2]
 
     def _rows(self, params_q: Tensor, next_symbols: Callable[[int, Tensor, Tensor], Tensor],
@@ -247,7 +247,7 @@ class IntegerModel:
         pdf_index = torch.empty_like(symbols)
         for h in range(height):
             layers = self._predict_row(topology.context_window(padded, h), params_q[:, :, h:h + 1], saturation)
-            ep = layers[self.row_paths["ep"]]
+            ep = layers[self.row_paths[topology.EP]]
             mu_q, index = ep[:, 0::2], ep[:, 1::2]
             row_symbols = next_symbols(h, mu_q, index)
             symbols[:, :, h:h + 1] = row_symbols

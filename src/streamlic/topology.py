@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .formats import SYMBOL_MAX
 
@@ -61,8 +61,8 @@ class LayerSpec:
 
     @property
     def weighted(self) -> bool:
-        """A layer with integer parameters in the exports."""
-        return self.kind in (CONV, LAGC, UPSAMPLE, SPARSE)
+        """A layer with integer parameters in the exports (its kind counts MACs)."""
+        return _geometry(self).macs is not None
 
 
 def _conv(path, c_in, c_out, stride=2, padding=1, **kw) -> LayerSpec:
@@ -126,8 +126,8 @@ def row_engine_paths(cfg: ModelConfig) -> dict[str, str]:
     """The row engine's tensors under their module paths: ctx1, its LeakyReLU, ctx2, the channel addition,
     its LeakyReLU, ep."""
     context, entropy = network(cfg)["context_prediction"], network(cfg)["entropy_parameters"]
-    return {"ctx1": context[1].path, "ctx1_act": context[2].path, "ctx2": context[3].path,
-            "summed": entropy[0].path, "summed_act": entropy[1].path, "ep": entropy[2].path}
+    return {CTX1: context[1].path, "ctx1_act": context[2].path, CTX2: context[3].path,
+            "summed": entropy[0].path, "summed_act": entropy[1].path, EP: entropy[2].path}
 
 
 def context_buffer(like: Tensor, height: int, width: int) -> Tensor:
@@ -174,40 +174,58 @@ def pad_to_multiple(x: Tensor, multiple: int = PAD_MULTIPLE) -> Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
 
 
+def same_size(spec: LayerSpec, height: int, width: int) -> tuple[int, int]:
+    return height, width
+
+
+def strided_positions(spec: LayerSpec, height: int, width: int) -> tuple[int, int]:
+    """Output positions of a convolution with the spec's kernel, stride and zero padding."""
+    (kh, kw), (ph, pw) = spec.kernel, spec.padding
+    return (height + 2 * ph - kh) // spec.stride + 1, (width + 2 * pw - kw) // spec.stride + 1
+
+
+@dataclass(frozen=True)
+class KindGeometry:
+    """What a kind of layer does to its input's size and what one output position costs.
+
+    Part of a layer kind's entry in :mod:`streamlic.kinds`, whose ``register`` puts it in
+    :data:`GEOMETRY`, where the functions below (which need no torch) read it.
+    """
+
+    positions: Callable[[LayerSpec, int, int], tuple[int, int]] = same_size  # output positions it computes
+    output: Callable[[LayerSpec, int, int], tuple[int, int]] | None = None  # output size, if not the positions
+    macs: Callable[[LayerSpec], int] | None = None  # dense MACs of one output position (None: no weights)
+
+
+GEOMETRY: dict[str, KindGeometry] = {}  # by kind, filled by streamlic.kinds.register
+
+
+def _geometry(spec: LayerSpec) -> KindGeometry:
+    try:
+        return GEOMETRY[spec.kind]
+    except KeyError:
+        raise KeyError(f"{spec.path}: no layer kind {spec.kind!r} is registered (streamlic.kinds)") from None
+
+
 def conv_positions(spec: LayerSpec, height: int, width: int) -> tuple[int, int]:
     """Output positions (rows, columns) of a layer for an input of ``height x width``.
 
     An upsampling layer's 2x2 convolution runs on its input padded by 1, at ``(h+1) x (w+1)``
     positions before the pixel shuffle; its output is then ``2h x 2w``.
     """
-    if spec.kind == UPSAMPLE:
-        return height + 1, width + 1
-    if spec.kind in (CONV, SPARSE):
-        (kh, kw), (ph, pw) = spec.kernel, spec.padding
-        return (height + 2 * ph - kh) // spec.stride + 1, (width + 2 * pw - kw) // spec.stride + 1
-    if spec.kind == PAD:
-        left, right, top, bottom = spec.pad
-        return height + top + bottom, width + left + right
-    return height, width
+    return _geometry(spec).positions(spec, height, width)
 
 
 def output_size(spec: LayerSpec, height: int, width: int) -> tuple[int, int]:
     """Output size of a layer for an input of ``height x width``."""
-    if spec.kind == UPSAMPLE:
-        return 2 * height, 2 * width
-    return conv_positions(spec, height, width)
+    geometry = _geometry(spec)
+    return (geometry.output or geometry.positions)(spec, height, width)
 
 
 def macs_per_position(spec: LayerSpec, active_weights: int | None = None) -> int:
     """Multiply-accumulates of one output position: a convolution's weights (the active ones if
     given), an LAGC's ``C^2`` affine weights plus ``2C`` for its gain and output products."""
-    if spec.kind == LAGC:
-        return spec.in_channels * spec.out_channels + 2 * spec.out_channels
-    if active_weights is not None:
-        return active_weights
-    kh, kw = spec.kernel
-    out_channels = 4 * spec.out_channels if spec.kind == UPSAMPLE else spec.out_channels
-    return out_channels * spec.in_channels * kh * kw
+    return _geometry(spec).macs(spec) if active_weights is None else active_weights
 
 
 def layer_geometry(cfg: ModelConfig, height: int, width: int) -> dict[str, tuple[int, int]]:
