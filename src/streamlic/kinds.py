@@ -73,6 +73,7 @@ class LayerKind:
 
 
 KINDS: dict[str, LayerKind] = {}
+FIELD_FORMATS: dict[str, FieldFormat] = {}  # every exported integer field of every registered kind
 
 
 def register(kind: LayerKind) -> LayerKind:
@@ -104,9 +105,6 @@ def kind_of(spec: topology.LayerSpec) -> LayerKind:
         return KINDS[spec.kind]
     except KeyError:
         raise KeyError(f"{spec.path}: no layer kind {spec.kind!r} is registered (streamlic.kinds)") from None
-
-
-FIELD_FORMATS: dict[str, FieldFormat] = {}  # every exported integer field of every registered kind
 
 
 def field_bits(key: str, hw: HardwareConfig) -> tuple[int, bool]:
