@@ -208,6 +208,8 @@ class StageSchedule(Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # published before any epoch starts (callback states are restored by now), whatever the callbacks' order
+        pl_module.schedule_position.epoch_offset = self.epoch_offset
         # trainer.max_epochs is given in schedule epochs; a run that starts at a later stage is shorter
         if self.epoch_offset and not self._max_epochs_shifted and trainer.max_epochs not in (None, -1):
             if trainer.max_epochs <= self.epoch_offset:
