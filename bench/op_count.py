@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import sys
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -37,7 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import compiled_loss, eager_loss, photo_batch  # noqa: E402
+from common import compiled_loss, eager_loss, enter_research_stage, load_research, photo_batch  # noqa: E402
 
 from streamlic.stage import STAGES  # noqa: E402
 
@@ -188,42 +186,6 @@ def compiled_stages(x: torch.Tensor, foreach: bool) -> dict[str, OpCounter]:
 
 
 # ------------------------------------------------------------------ the research code
-
-def load_research(path: str | Path):
-    """Import ``StreamLIC_Q.py`` + ``qat_utils.py`` from ``path`` as one package.
-
-    Its relative imports are resolved in a synthetic package whose ``base`` module is
-    compressai's (``CompressionModel``, ``get_scale_table``).
-    """
-    import compressai.models.base
-
-    path = Path(path)
-    package = types.ModuleType("research_streamlic")
-    package.__path__ = [str(path)]
-    sys.modules["research_streamlic"] = package
-    sys.modules["research_streamlic.base"] = compressai.models.base
-    for name in ("qat_utils", "StreamLIC_Q"):
-        spec = importlib.util.spec_from_file_location(f"research_streamlic.{name}", path / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["research_streamlic.StreamLIC_Q"].ARLiteSparse_Q
-
-
-def enter_research_stage(model, stage: str) -> None:
-    """The research code's calls for each stage transition (its prints are silenced)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        if stage == "mask":
-            model.set_all_mask()
-            model.toggle_mask(True)
-        elif stage == "qat":
-            model.toggle_quantization(True)
-        elif stage == "fix_encoder":
-            model.fix_encoder_flag(True)
-        elif stage == "pdf":
-            model.init_pdf_table()
-            model.toggle_pdf_training_flag(True)
-
 
 def quiet_step(model, x, optimizer, counter=None) -> None:
     with contextlib.redirect_stdout(io.StringIO()):

@@ -29,41 +29,17 @@ from pathlib import Path
 
 import torch
 
-from streamlic.metrics import rate_distortion
-from streamlic.stage import STAGES
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import compiled_loss, eager_loss, enter_research_stage, load_research, photo_batch  # noqa: E402
+
+from streamlic.stage import STAGES  # noqa: E402
 
 SETTINGS = ((8, 256), (4, 128))
-BENCH_LAMBDA = 0.01  # the rate-distortion trade-off of every benchmark step (MSE, CompressAI's convention)
-
-
-def photo_batch(batch: int, size: int, device: str) -> torch.Tensor:
-    from streamlic.images import demo_images
-
-    crops = []
-    images = [image for _, image in demo_images("train")]
-    for i in range(batch):
-        image = images[i % len(images)]
-        _, h, w = image.shape
-        top, left = (i * 37) % (h - size), (i * 53) % (w - size)
-        crops.append(image[:, top:top + size, left:left + size])
-    return torch.stack(crops).to(device)
 
 
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def eager_loss(model, x: torch.Tensor) -> torch.Tensor:
-    return rate_distortion(model(x), x, BENCH_LAMBDA)["loss"]
-
-
-def compiled_loss(mode: str | None = None):
-    """The loss of the training module's compiled path (``module.compile=true``)."""
-    from streamlic.lightning_module import CompiledForward, forward_and_loss
-
-    step = CompiledForward(forward_and_loss, mode)
-    return lambda model, x: step(model, x, x, BENCH_LAMBDA, "mse")[1]["loss"]
 
 
 def time_stages(model, x: torch.Tensor, steps: int, warmup: int = 2, enter_stage=None,
@@ -143,8 +119,6 @@ def _run_setting(args: tuple) -> dict:
 def _run_research(args: tuple) -> dict:
     """The research code, eager, through the same stages (its prints silenced)."""
     batch, size, device, steps, threads, path = args
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from op_count import enter_research_stage, load_research
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -31,6 +31,8 @@ def last_good_checkpoint(trainer: L.Trainer) -> str | None:
 class NonFiniteGuard(Callback):
     """Raise :class:`NonFiniteLossError` on a non-finite gradient (before the step) or loss."""
 
+    state_key = "NonFiniteGuard"  # stateless; named like the others
+
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         grads = [p.grad for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]
                  if p.grad is not None]

@@ -18,7 +18,6 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from .stages import StageSchedule
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +42,8 @@ class Interruption(Callback):
         checkpoint_path: where the step checkpoint of an interrupted run goes (the run's ``last.ckpt``).
     """
 
+    state_key = "Interruption"  # stateless; named like the others
+
     def __init__(self, checkpoint_path: str | Path) -> None:
         self.checkpoint_path = Path(checkpoint_path)
         self.received: str | None = None
@@ -65,8 +66,7 @@ class Interruption(Callback):
         if name is None:
             return
         trainer.save_checkpoint(self.checkpoint_path)
-        schedule = next((cb for cb in trainer.callbacks if isinstance(cb, StageSchedule)), None)
-        epoch = schedule.schedule_epoch(trainer) if schedule is not None else trainer.current_epoch
+        epoch = pl_module.schedule_position.schedule_epoch(trainer)
         raise RunInterrupted(name, pl_module.model.stage, epoch, trainer.global_step, str(self.checkpoint_path))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

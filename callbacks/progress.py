@@ -16,12 +16,15 @@ class StageProgressBar(TQDMProgressBar):
     """Lightning's TQDM bar with ``stage=<name>`` first in its postfix.
 
     Epochs are numbered as the stage schedule (and the stage report) counts them: a run
-    started with ``init_from`` at stage 3 shows schedule epochs from that stage's start.
+    started with ``init_from`` at stage 3 shows schedule epochs from that stage's start (the
+    module's ``schedule_position``, which the stage schedule publishes).
 
     When stdout is not a terminal (a log file, a batch job) the bars, which redraw themselves
     with carriage returns, are off and a line is logged every ``text_every_n_steps`` training
     steps and at each epoch end instead. ``text``: true/false forces either; null decides by stdout.
     """
+
+    state_key = "StageProgressBar"
 
     def __init__(self, *args: Any, text: bool | None = None, text_every_n_steps: int = 50, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -37,13 +40,9 @@ class StageProgressBar(TQDMProgressBar):
             return {"stage": model.stage, **items}
         return items
 
-    def _schedule_epoch(self, trainer: L.Trainer) -> int:
-        schedule = next((cb for cb in trainer.callbacks if hasattr(cb, "schedule_epoch")), None)
-        return trainer.current_epoch if schedule is None else schedule.schedule_epoch(trainer)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description(f"Epoch {self._schedule_epoch(trainer)}")
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self.train_progress_bar.set_description(f"Epoch {pl_module.schedule_position.schedule_epoch(trainer)}")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -61,4 +60,4 @@ class StageProgressBar(TQDMProgressBar):
             metrics = self.get_metrics(trainer, pl_module)
             shown = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                               for key, value in metrics.items() if key != "v_num")
-            log.info("epoch %d %s: %s", self._schedule_epoch(trainer), where, shown)
+            log.info("epoch %d %s: %s", pl_module.schedule_position.schedule_epoch(trainer), where, shown)

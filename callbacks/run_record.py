@@ -28,6 +28,8 @@ class RunRecord(Callback):
         invocations: the invocations of this run so far, the current one last.
     """
 
+    state_key = "RunRecord"  # its entry in a checkpoint's callback states (read_run_record)
+
     def __init__(self, config: Mapping[str, Any], invocations: list[dict[str, Any]]) -> None:
         self.config = copy.deepcopy(dict(config))
         self.invocations = copy.deepcopy(list(invocations))
@@ -43,7 +45,5 @@ class RunRecord(Callback):
 
 def read_run_record(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
     """The :class:`RunRecord` state of a Lightning checkpoint (``None``: a checkpoint without one)."""
-    for key, state in checkpoint.get("callbacks", {}).items():
-        if key.startswith(RunRecord.__qualname__) and isinstance(state, dict) and "config" in state:
-            return state
-    return None
+    state = checkpoint.get("callbacks", {}).get(RunRecord.state_key)
+    return state if isinstance(state, dict) and "config" in state else None

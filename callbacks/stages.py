@@ -127,17 +127,14 @@ def parse_schedule(stages: Mapping[str, Mapping[str, Any]]) -> list[StageSpec]:
 
 def read_finished_stages(checkpoint: Mapping[str, Any]) -> list[str] | None:
     """Stages a Lightning checkpoint's StageSchedule state marks finished (``None``: no such state)."""
-    for key, state in checkpoint.get("callbacks", {}).items():
-        if key.startswith(StageSchedule.__qualname__) and isinstance(state, dict) and "finished" in state:
-            return list(state["finished"])
-    return None
+    state = checkpoint.get("callbacks", {}).get(StageSchedule.state_key)
+    return list(state["finished"]) if isinstance(state, dict) and "finished" in state else None
 
 
 def schedule_epochs_done(checkpoint: Mapping[str, Any]) -> int | None:
     """Schedule epochs a Lightning checkpoint's run has completed (``None``: no StageSchedule state)."""
-    state = next((state for key, state in checkpoint.get("callbacks", {}).items()
-                  if key.startswith(StageSchedule.__qualname__) and isinstance(state, dict)), None)
-    if state is None:
+    state = checkpoint.get("callbacks", {}).get(StageSchedule.state_key)
+    if not isinstance(state, dict):
         return None
     return state["epoch_offset"] + checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
 
@@ -154,6 +151,8 @@ class StageSchedule(Callback):
         start_stage: the stage this run starts in (a later one after ``init_from``).
         evaluate: evaluate the validation set at the start and end of every stage.
     """
+
+    state_key = "StageSchedule"  # its entry in a checkpoint's callback states (read_finished_stages)
 
     def __init__(self, stages: Mapping[str, Mapping[str, Any]], checkpoint_dir: str | Path,
                  report_path: str | Path | None = None, start_stage: str = "aun", evaluate: bool = True,
@@ -209,6 +208,8 @@ class StageSchedule(Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # published before any epoch starts (callback states are restored by now), whatever the callbacks' order
+        pl_module.schedule_position.epoch_offset = self.epoch_offset
         # trainer.max_epochs is given in schedule epochs; a run that starts at a later stage is shorter
         if self.epoch_offset and not self._max_epochs_shifted and trainer.max_epochs not in (None, -1):
             if trainer.max_epochs <= self.epoch_offset:
@@ -231,6 +232,9 @@ class StageSchedule(Callback):
                 f"the model is in stage {model.stage} but schedule epoch {epoch} belongs to stage "
                 f"{STAGES[target]}; resume with the schedule the run was started with"
             )
+        # what the other callbacks read of the schedule (streamlic.stage.SchedulePosition)
+        pl_module.schedule_position.epoch_offset = self.epoch_offset
+        pl_module.schedule_position.stage_last_epoch = self.last_epoch_of(target, trainer)
         for index in range(current + 1, target + 1):
             self.enter_stage(model, STAGES[index], epoch)
         if target > current:

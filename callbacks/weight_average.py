@@ -24,9 +24,13 @@ from streamlic.config import ConfigError
 class WeightAverage(Callback):
     """EMA of the trainable parameters with ``decay`` per step (``None``: off).
 
-    Must run before :class:`~callbacks.StageSchedule` (it is listed first in
-    ``conf/callbacks/default.yaml``), so a stage's end sees the committed average.
+    It reads the stage's end from the module's ``schedule_position`` (which the stage schedule
+    publishes; without one, the run's last epoch ends the stage). Listed before the stage
+    schedule in ``conf/callbacks/default.yaml``, so that a stage's evaluation and checkpoint
+    see the committed average.
     """
+
+    state_key = "WeightAverage"  # its entry in a checkpoint's callback states
 
     def __init__(self, decay: float | None = None) -> None:
         if decay is not None and not 0.0 < decay < 1.0:
@@ -76,9 +80,7 @@ class WeightAverage(Callback):
         """At a stage's last epoch the average becomes the weights (before the stage callback evaluates and saves)."""
         if self.decay is None or not self.average:
             return
-        schedule = next(cb for cb in trainer.callbacks if hasattr(cb, "last_epoch_of"))
-        index = schedule.stage_index_at(schedule.schedule_epoch(trainer))
-        if schedule.schedule_epoch(trainer) == schedule.last_epoch_of(index, trainer):
+        if pl_module.schedule_position.stage_ends_this_epoch(trainer):
             self._swap(pl_module, self.average)
             self.average = {}
             self.stage = None

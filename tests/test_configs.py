@@ -136,3 +136,33 @@ def test_ddp_popen_inside_a_local_multirun_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="trainer.strategy.*multirun"):
         load_train_module().train(cfg)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name", ["w12a12", "w8a8"])
+def test_hardware_constants_are_the_hardware_config_group(name):
+    """HardwareConfig's defaults and W8A8 restate conf/hardware/*.yaml: they stay equal."""
+    from omegaconf import OmegaConf
+
+    from streamlic import W8A8, W12A12
+    from streamlic.config import HardwareConfig
+
+    constant = {"w12a12": W12A12, "w8a8": W8A8}[name]
+    assert HardwareConfig(**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "hardware" / f"{name}.yaml"))) == constant
+    assert (HardwareConfig() == constant) == (name == "w12a12")
+
+
+def test_experiment_and_debug_groups_compose(tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=tiny_w8a8"])
+    assert cfg.hardware.name == "w8a8" and cfg.model.M == 24 and cfg.ema_decay == 0.99
+    assert cfg.sparsity.density == 0.5 and cfg.trainer.max_epochs == 30
+    cfg = compose_config(tmp_path, ["debug=fast"])
+    starts = [cfg.schedule.stages[name].start_epoch for name in ("aun", "mask", "qat", "fix_encoder", "pdf")]
+    assert starts == [0, 1, 2, 3, 4] and cfg.trainer.max_epochs == 5 and cfg.trainer.limit_train_batches == 1
+
+
+@pytest.mark.slow
+def test_debug_fast_runs_one_batch_through_all_five_stages(tmp_path):
+    result = load_train_module().train(compose_config(tmp_path, ["debug=fast"]))
+    assert result["status"] == "finished" and result["stage"] == "pdf"
+    assert [row["stage"] for row in result["stage_report"]] == ["aun", "mask", "qat", "fix_encoder", "pdf"]
+    assert (tmp_path / "export" / "manifest.json").is_file()

@@ -17,6 +17,7 @@ from streamlic import fixedpoint as fxp
 from streamlic.export import ExportError, export_package, load_integer_model
 from streamlic.export.report import hardware_report
 from streamlic.export.streams import STREAM_FILES
+from streamlic.formats import bit_widths
 from streamlic.params import export_quantized_parameters
 from streamlic.topology import pad_to_multiple
 from streamlic.bitexact import compare_with_qat
@@ -113,6 +114,17 @@ def test_package_lists_every_file_with_its_hash(qat_model, package):
     assert manifest["stage"] == "qat"
     assert manifest["config"]["hardware"]["activation_bits"] == 12
     assert manifest["bit_widths"]["accumulator"] == 40
+    # one home for the widths: the manifest, the C header and the report state the same numbers
+    widths = bit_widths(qat_model.hw)
+    assert manifest["bit_widths"] == widths and manifest["cdf"]["precision"] == widths["cdf_precision"] == 16
+    assert widths["symbol"] == 8
+    header = (directory / "streamlic_params.h").read_text()
+    for name, value in (("ACT", widths["activation"]), ("WEIGHT", widths["weight"]),
+                        ("ACCUMULATOR", widths["accumulator"]), ("SHIFT", widths["shift"])):
+        assert f"#define STREAMLIC_{name}_BITS {value}\n" in header, name
+    report = json.loads((directory / "hardware_report.json").read_text())
+    assert {entry["weight_bits"] for entry in report["layers"]} == {widths["weight"]}
+    assert {entry["accumulator_bits_limit"] for entry in report["layers"]} == {widths["accumulator"]}
     assert set(manifest["files"]) == set(written) - {"manifest.json"}
     for name, entry in manifest["files"].items():
         assert (directory / name).stat().st_size == entry["bytes"], name

@@ -128,3 +128,13 @@ def test_weight_average_is_what_each_stage_saves_and_resumes_exactly(tmp_path):
 def test_weight_average_decay_out_of_range_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match="ema_decay=1.5"):
         run_training(tmp_path, [*SHORT, *schedule(), "ema_decay=1.5"])
+
+
+def test_callbacks_stand_alone_a_weight_average_without_the_stage_schedule(tmp_path):
+    """``~callbacks.stages`` with ``ema_decay`` set: the run is one stage and its last epoch commits the average."""
+    result = run_training(tmp_path, [*SHORT, "~callbacks.stages", "ema_decay=0.5", "trainer.max_epochs=2",
+                                     "checkpoint.every_n_train_steps=1"])
+    assert result["status"] == "finished" and result["stage"] == "aun" and result["stage_report"] == []
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "StageSchedule" not in saved["callbacks"]
+    assert saved["callbacks"]["WeightAverage"]["average"] == {}  # committed into the weights at the run's end

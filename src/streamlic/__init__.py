@@ -13,6 +13,8 @@ _EXPORTS = {
     "sparsity_config": "config", "RectifiedPDF": "entropy", "STAGES": "stage", "ARLiteSparse_Q": "model",
     "StreamLIC": "model",
 }
+# the model with compressai's compress/decompress, which streamlic.codec attaches when it loads
+_WITH_CODEC = {"StreamLIC", "ARLiteSparse_Q"}
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
@@ -20,4 +22,6 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'streamlic' has no attribute {name!r}")
+    if name in _WITH_CODEC:
+        import_module(".codec", __name__)
     return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from . import topology
 from .integer_model import IntegerModel
-from .layers import LAGC, ChannelAddition, QConv2d, QLeakyReLU
+from .kinds import kind_of
 from .params import require_integer_stage
-from .topology import pad_to_multiple
 
 if TYPE_CHECKING:
     from .model import StreamLIC
@@ -22,19 +22,6 @@ log = logging.getLogger(__name__)
 
 # StreamLIC outputs compared with the integer model's coded quantities
 _CODED = {"z_hat": "z_symbols", "symbols": "y_symbols", "pdf_index": "pdf_index"}
-
-
-def _integer_step(module) -> Tensor | float:
-    """Real value of one integer step of a module's output."""
-    if isinstance(module, QConv2d):
-        return module.output_scale_map()
-    if isinstance(module, LAGC):
-        return module.out_scale
-    if isinstance(module, QLeakyReLU):
-        return module.in_scale
-    if isinstance(module, ChannelAddition):
-        return module.scale
-    raise TypeError(f"no integer output scale for {type(module).__name__}")
 
 
 @dataclass
@@ -104,16 +91,15 @@ def qat_integers(model: "StreamLIC", x: Tensor, dtype: torch.dtype = torch.float
     qat = copy.deepcopy(model).cpu().to(dtype).eval()
     captured: dict[str, list[Tensor]] = {}
     hooks = []
-    for chain in ("g_a", "h_a", "h_s", "g_s", "context_prediction", "entropy_parameters"):
-        for index, module in enumerate(getattr(qat, chain)):
-            if isinstance(module, (torch.nn.ZeroPad2d, torch.nn.Identity)):
-                continue
-            name = f"{chain}.{index}"
+    for spec in topology.layers(qat.model_cfg):
+        integer_step = kind_of(spec).integer_step
+        if integer_step is None:  # the layer only moves data
+            continue
 
-            def hook(mod, inputs, output, name=name):
-                captured.setdefault(name, []).append(output.detach() / _integer_step(mod))
+        def hook(mod, inputs, output, name=spec.path, integer_step=integer_step):
+            captured.setdefault(name, []).append(output.detach() / integer_step(mod))
 
-            hooks.append(module.register_forward_hook(hook))
+        hooks.append(qat.get_submodule(spec.path).register_forward_hook(hook))
     try:
         with torch.no_grad():
             out = qat(x.cpu().to(dtype))
@@ -138,7 +124,7 @@ def compare_with_qat(model: "StreamLIC", x: Tensor, integer_model: IntegerModel 
     integer model defaults to ``IntegerModel.from_model(model)``. ``dtype=torch.float32``
     measures the training-precision forward instead.
     """
-    x = pad_to_multiple(x)
+    x = topology.pad_to_multiple(x)
     integer_model = integer_model or IntegerModel.from_model(model)
     reference = integer_model.forward(x)
     qat = qat_integers(model, x, dtype)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Collection, Mapping
 
+from .topology import CTX1, CTX2, EP, SPARSE_LAYERS
+
 
 class ConfigError(ValueError):
     """A configuration value breaks a model or hardware constraint."""
@@ -146,8 +148,7 @@ class ModelConfig:
         return asdict(self)
 
 
-SPARSE_LAYERS = ("ctx1", "ctx2", "ep")
-DEFAULT_GROUP_NUM = {"ctx1": 3, "ctx2": 3, "ep": 4}
+DEFAULT_GROUP_NUM = {CTX1: 3, CTX2: 3, EP: 4}
 
 
 @dataclass(frozen=True)

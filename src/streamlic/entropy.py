@@ -15,8 +15,8 @@ from compressai._CXX import pmf_to_quantized_cdf
 from torch import Tensor, nn
 
 from . import fixedpoint as fxp
+from .formats import CDF_PRECISION
 
-CDF_PRECISION = 16
 PMF_FLOOR = 1e-9
 
 

@@ -19,15 +19,13 @@ import torch
 from torch import Tensor
 
 from .config import HardwareConfig
+from .formats import SCALE_INDEX_MAX, SCALE_LEVELS, SYMBOL_COLUMNS, SYMBOL_MAX  # noqa: F401 - the contract names them
 
-SYMBOL_MAX = 127  # latent and hyper-latent symbols are 8-bit: [-127, 127]
-SYMBOL_COLUMNS = 256  # a probability table row covers symbols -127..128 (column = symbol + 127)
-SCALE_LEVELS = 128  # entropy-model scale levels ("pdf index")
 # sigma = 2**(log2 sigma_min + index * step) with log2 sigma_min = -111/32 and step 3/32, so a
 # real entropy-parameter output v = 2 log2 sigma maps to index = (16 v + 111) / 3.
 LOG2_SIGMA_MIN = -111.0 / 32.0
 LOG2_SIGMA_STEP = 3.0 / 32.0
-LOG2_SIGMA_MAX = LOG2_SIGMA_MIN + (SCALE_LEVELS - 1) * LOG2_SIGMA_STEP  # 270/32
+LOG2_SIGMA_MAX = LOG2_SIGMA_MIN + SCALE_INDEX_MAX * LOG2_SIGMA_STEP  # 270/32
 INDEX_PER_V = 16.0 / 3.0
 INDEX_OFFSET = 111.0 / 3.0  # = 37
 LEAKY_SHIFT = 6  # LeakyReLU slope 1/64
@@ -143,12 +141,14 @@ def clamp_bias(b_q: Tensor, hw: HardwareConfig) -> Tensor:
     return torch.clamp(b_q, -hw.bias_max, hw.bias_max)
 
 
-def quantize_bias(bias: Tensor, out_scale: Tensor | float, hw: HardwareConfig, rounding=torch.round) -> Tensor:
+def quantize_bias(quotient: Tensor, bias_max: float) -> Tensor:
     """``b_q = clamp(round(2**r * b / s_out), +-(2**(P-1) - 1))``: the bias added at the residual precision.
 
-    ``rounding`` lets QAT pass a straight-through rounding with the same forward value.
+    ``quotient`` is the real bias integer ``2**r * b / s_out`` and ``bias_max`` the P-bit bound
+    (``hw.bias_max``). The QAT layers call it through :class:`streamlic.layers.quant.QuantizeBias`
+    on a float64 quotient, so the integer does not depend on the training precision.
     """
-    return clamp_bias(rounding(bias * (2.0**hw.residual_bits) / out_scale), hw)
+    return torch.round(quotient).clamp_(-bias_max, bias_max)
 
 
 def weight_scale(weight_absmax: Tensor, hw: HardwareConfig) -> Tensor:
@@ -294,14 +294,14 @@ def scale_index_factor(factor: Tensor, out_scale: Tensor | float) -> Tensor:
     """Fold ``index = (16 v + 111) / 3`` into the requantization factor of a layer's odd channels.
 
     ``factor`` is ``2**r s_in s_w / s_out``; the folded one is ``2**r s_in s_w * 16 / 3``, so the
-    integer layer outputs the scale index directly (then clamped to [0, 127]).
+    integer layer outputs the scale index directly (then clamped to [0, SCALE_INDEX_MAX]).
     """
     return factor * (INDEX_PER_V * out_scale)
 
 
-def scale_index_bias(bias: Tensor, hw: HardwareConfig, rounding=torch.round) -> Tensor:
+def scale_index_bias(bias: Tensor, hw: HardwareConfig) -> Tensor:
     """Folded integer bias of the odd channels: ``round(2**r * (16 b / 3 + 37))``, P-bit clamped."""
-    return clamp_bias(rounding(scale_index_bias_quotient(bias, hw)), hw)
+    return quantize_bias(scale_index_bias_quotient(bias, hw), hw.bias_max)
 
 
 def scale_index_bias_quotient(bias: Tensor, hw: HardwareConfig) -> Tensor:

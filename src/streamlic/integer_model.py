@@ -17,14 +17,14 @@ import logging
 from typing import TYPE_CHECKING, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import fixedpoint as fxp
 from . import topology
 from .config import HardwareConfig, ModelConfig
-from .integer_layers import BlockSparseRowConv, IntegerConv, IntegerLAGC, IntegerUpsampleConv, as_int64
-from .params import CONV_KEYS, FLOAT_KEYS, LAGC_KEYS, export_quantized_parameters, require_integer_stage
+from . import kinds
+from .integer_layers import BlockSparseRowConv, as_int64
+from .params import export_quantized_parameters, require_integer_stage
 
 if TYPE_CHECKING:
     from .model import StreamLIC
@@ -39,7 +39,7 @@ class SaturationCounts:
     """How many elements of the row engine lie beyond each clamp, below and above it.
 
     Keys: ``ctx1``, ``ctx2``, ``channel_addition``, ``ep_mean`` (ep's even channels),
-    ``pdf_index`` (ep's odd channels, clamped to [0, 127]), ``symbols`` (+-127) and
+    ``pdf_index`` (ep's odd channels, clamped to [0, SCALE_INDEX_MAX]), ``symbols`` (+-SYMBOL_MAX) and
     ``latent_hat`` (the dequantized latent, kept in the activation range).
     """
 
@@ -132,44 +132,23 @@ class IntegerModel:
         return self.params[name]
 
     def _build_layers(self) -> None:
-        """One integer layer per row of the network table; the row engine's layers by their short names."""
-        hw, act = self.hw, self.hw.act_max
-        input_bounds = {"g_a.0": hw.image_max, "h_s.0": fxp.SYMBOL_MAX}  # the image and the hyper symbols
-        net = topology.network(self.model_cfg)
-        self.chains: dict[str, list[tuple[topology.LayerSpec, Callable[[Tensor], Tensor]]]] = {
-            name: [(spec, self._integer_layer(spec, input_bounds.get(spec.path, act))) for spec in net[name]]
-            for name in ("g_a", "h_a", "h_s", "g_s")}
-        self.output_scale = float(self._layer_params(net["g_s"][-1].path, FLOAT_KEYS)["float_output_scale"])
-        # ep's odd channels output the scale index directly, clamped to [0, 127]
-        odd = topology.odd_channels(2 * self.M).view(-1, 1, 1)
-        ep_lo = torch.where(odd, 0, -act).to(torch.int64)
-        ep_hi = torch.where(odd, fxp.SCALE_LEVELS - 1, act).to(torch.int64)
-        self.context: dict[str, BlockSparseRowConv] = {}
-        for short, path in topology.sparse_paths(self.model_cfg).items():
-            spec = topology.layer_with(self.model_cfg, sparse=short)
-            lo, hi = (ep_lo, ep_hi) if spec.role == "pdf_index" else (None, None)
-            self.context[short] = BlockSparseRowConv(
-                path, self._layer_params(path, CONV_KEYS + ("mask",)), hw, act, spec.padding[1], self.context_engine,
-                lo, hi)
-        # the row engine's tensors under their module paths: ctx1, its LeakyReLU, ctx2, the channel
-        # addition, its LeakyReLU, ep
-        context, entropy = net["context_prediction"], net["entropy_parameters"]
-        self.row_paths = {"ctx1": context[1].path, "ctx1_act": context[2].path, "ctx2": context[3].path,
-                          "summed": entropy[0].path, "summed_act": entropy[1].path, "ep": entropy[2].path}
-
-    def _integer_layer(self, spec: topology.LayerSpec, input_bound: int) -> Callable[[Tensor], Tensor]:
+        """One integer layer per row of the network table (streamlic.kinds); the row engine's layers by their
+        short names."""
         hw = self.hw
-        if spec.kind == topology.PAD:
-            return lambda q: F.pad(q, spec.pad)
-        if spec.kind == topology.LEAKY:
-            return fxp.leaky_relu
-        if spec.kind == topology.LAGC:
-            return IntegerLAGC(spec.path, self._layer_params(spec.path, LAGC_KEYS), hw, self.tanh_lut)
-        if spec.kind == topology.UPSAMPLE:
-            return IntegerUpsampleConv(spec.path, self._layer_params(spec.path, CONV_KEYS), hw, input_bound)
-        bound = fxp.latent_bound(hw) if spec.role == "latent" else None
-        return IntegerConv(spec.path, self._layer_params(spec.path, CONV_KEYS), hw, input_bound, spec.stride,
-                           spec.padding[0], None if bound is None else -bound, bound)
+        net = topology.network(self.model_cfg)
+
+        def build(spec: topology.LayerSpec):
+            kind = kinds.kind_of(spec)
+            params = self._layer_params(spec.path, tuple(kind.fields)) if kind.fields else {}
+            context = kinds.IntegerContext(hw, self.tanh_lut, topology.input_bound(spec, hw), self.context_engine)
+            return kinds.build_integer(spec, params, context)
+
+        self.chains: dict[str, list[tuple[topology.LayerSpec, Callable[[Tensor], Tensor]]]] = {
+            name: [(spec, build(spec)) for spec in net[name]] for name in ("g_a", "h_a", "h_s", "g_s")}
+        self.output_scale = float(self._layer_params(net["g_s"][-1].path, kinds.FLOAT_FIELDS)["float_output_scale"])
+        self.context: dict[str, BlockSparseRowConv] = {
+            short: build(topology.layer_with(self.model_cfg, sparse=short)) for short in topology.SPARSE_LAYERS}
+        self.row_paths = topology.row_engine_paths(self.model_cfg)
 
     def with_context_engine(self, context_engine: str) -> "IntegerModel":
         """The same model with the other evaluation of the block-sparse layers."""
@@ -225,25 +204,25 @@ class IntegerModel:
         if saturation is not None:
             raw = layer.requantize(acc, clamped=False)
             act = self.hw.act_max
-            if short == "ep":
+            if short == topology.EP:
                 saturation.add("ep_mean", raw[:, 0::2], -act, act)
-                saturation.add("pdf_index", raw[:, 1::2], 0, fxp.SCALE_LEVELS - 1)
+                saturation.add("pdf_index", raw[:, 1::2], 0, fxp.SCALE_INDEX_MAX)
             else:
                 saturation.add(short, raw, -act, act)
         return layer.requantize(acc)
 
     def _predict_row(self, prev_rows: Tensor, params_row: Tensor,
                      saturation: SaturationCounts | None = None) -> dict[str, Tensor]:
-        ctx1 = self._context_layer("ctx1", prev_rows, saturation)
+        ctx1 = self._context_layer(topology.CTX1, prev_rows, saturation)
         ctx1_act = fxp.leaky_relu(ctx1)
-        ctx2 = self._context_layer("ctx2", ctx1_act, saturation)
+        ctx2 = self._context_layer(topology.CTX2, ctx1_act, saturation)
         if saturation is not None:
             saturation.add("channel_addition", params_row + ctx2, -self.hw.act_max, self.hw.act_max)
         summed = fxp.channel_add(params_row, ctx2, self.hw)
         summed_act = fxp.leaky_relu(summed)
-        ep = self._context_layer("ep", summed_act, saturation)
-        tensors = {"ctx1": ctx1, "ctx1_act": ctx1_act, "ctx2": ctx2, "summed": summed, "summed_act": summed_act,
-                   "ep": ep}
+        ep = self._context_layer(topology.EP, summed_act, saturation)
+        tensors = {topology.CTX1: ctx1, "ctx1_act": ctx1_act, topology.CTX2: ctx2, "summed": summed,
+                   "summed_act": summed_act, topology.EP: ep}
         return {self.row_paths[name]: tensor for name, tensor in tensors.items()}
 
     def predict_row(self, prev_rows: Tensor, params_row: Tensor) -> tuple[Tensor, Tensor]:
@@ -253,7 +232,7 @@ class IntegerModel:
         padded by one column left and right (zeros above the first row).
         ``params_row`` [B, 2M, 1, w]: the hyper output of this row.
         """
-        ep = self._predict_row(as_int64(prev_rows), as_int64(params_row))[self.row_paths["ep"]]
+        ep = self._predict_row(as_int64(prev_rows), as_int64(params_row))[self.row_paths[topology.EP]]
         return ep[:, 0::2], ep[:, 1::2]
 
     def _rows(self, params_q: Tensor, next_symbols: Callable[[int, Tensor, Tensor], Tensor],
@@ -263,24 +242,24 @@ class IntegerModel:
         batch, channels, height, width = params_q.shape
         if channels != 2 * self.M:
             raise ValueError(f"hyper output has {channels} channels, expected 2M = {2 * self.M}")
-        padded = params_q.new_zeros(batch, self.M, height + 3, width + 2)
+        padded = topology.context_buffer(params_q[:, :self.M], height, width)
         symbols = params_q.new_empty(batch, self.M, height, width)
         pdf_index = torch.empty_like(symbols)
         for h in range(height):
-            layers = self._predict_row(padded[:, :, h:h + 3], params_q[:, :, h:h + 1], saturation)
-            ep = layers[self.row_paths["ep"]]
+            layers = self._predict_row(topology.context_window(padded, h), params_q[:, :, h:h + 1], saturation)
+            ep = layers[self.row_paths[topology.EP]]
             mu_q, index = ep[:, 0::2], ep[:, 1::2]
             row_symbols = next_symbols(h, mu_q, index)
             symbols[:, :, h:h + 1] = row_symbols
             pdf_index[:, :, h:h + 1] = index
-            padded[:, :, h + 3:h + 4, 1:-1] = fxp.dequantize_latent(row_symbols, mu_q, self.hw)
+            topology.context_interior(padded, h).copy_(fxp.dequantize_latent(row_symbols, mu_q, self.hw))
             if saturation is not None:
                 saturation.add("latent_hat", fxp.dequantized_latent_unclamped(row_symbols, mu_q, self.hw),
                                -self.hw.act_max, self.hw.act_max)
             if record is not None:
                 for name, tensor in layers.items():
                     record.setdefault(name, []).append(tensor)
-        return {"symbols": symbols, "pdf_index": pdf_index, "y_hat_q": padded[:, :, 3:, 1:-1]}
+        return {"symbols": symbols, "pdf_index": pdf_index, "y_hat_q": topology.context_interior(padded)}
 
     def encode_rows(self, y_q: Tensor, params_q: Tensor, record: dict[str, list[Tensor]] | None = None,
                     saturation: SaturationCounts | None = None) -> dict[str, Tensor]:

@@ -29,7 +29,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 from .data import mixed_seed
 from .metrics import ms_ssim, rate_distortion
 from .model import StreamLIC
-from .stage import STAGES
+from .stage import STAGES, SchedulePosition
 from .topology import pad_to_multiple  # the codec's padding rule: whole images to a multiple of 64
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,7 @@ class StreamLICModule(L.LightningModule):
             raise ValueError(f"module.lmbda={lmbda}: must be positive")
         self.automatic_optimization = False
         self.model = model
+        self.schedule_position = SchedulePosition()  # the stage schedule callback moves it
         self.lmbda = lmbda
         self.quality = quality
         self.distortion = distortion

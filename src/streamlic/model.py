@@ -17,8 +17,9 @@ from . import fixedpoint as fxp
 from . import topology
 from .config import HardwareConfig, ModelConfig, checkpoint_fixed, hardware_config, model_config, sparsity_config
 from .entropy import RectifiedPDF, bottleneck_pmf_table, gaussian_pmf_table
-from .layers import (LAGC, ChannelAddition, FGPConv2d, IntegerParameters, QConv2d, QLeakyReLU, QuantLayer,
-                     QUpsampleConv2d, RangeTracker, straight_through)
+from .kinds import build_qat
+from .layers import (ChannelAddition, FGPConv2d, IntegerParameters, QLeakyReLU, QuantLayer, RangeTracker,
+                     straight_through)
 from .params import export_quantized_parameters
 from .stage import STATE_VERSION, StageState, stage_state_of_version_1
 
@@ -35,7 +36,9 @@ class StreamLIC(StageState, CompressionModel):
 
     Sizes come from ``model`` (:class:`ModelConfig` or a mapping), bit-widths from
     ``hardware``, densities of the context layers from ``sparsity``. ``N`` and ``M`` are
-    accepted as keyword shortcuts, as in the original research code.
+    accepted as keyword shortcuts, as in the original research code. compressai's
+    ``compress``/``decompress`` are attached by :mod:`streamlic.codec` (which builds on this
+    module and runs them); ``from streamlic import StreamLIC`` loads it.
     """
 
     def __init__(self, N: int | None = None, M: int | None = None, *, model: Any = None, hardware: Any = None,
@@ -50,7 +53,7 @@ class StreamLIC(StageState, CompressionModel):
         super().__init__()
         self.model_cfg, self.hw, self.sparsity_cfg = mcfg, hw, sp
         for name, specs in topology.network(mcfg).items():
-            setattr(self, name, nn.Sequential(*(_build_layer(spec, hw, sp) for spec in specs)))
+            setattr(self, name, nn.Sequential(*(build_qat(spec, hw, sp) for spec in specs)))
         self._report_density_rounding()
         self.entropy_bottleneck = EntropyBottleneck(mcfg.N)
         self.gaussian_conditional = GaussianConditional(None, scale_bound=2.0**fxp.LOG2_SIGMA_MIN)
@@ -89,7 +92,7 @@ class StreamLIC(StageState, CompressionModel):
         """Warn (once, at construction) where the block grid turns a requested density into another one."""
         for name, layer in self.sparse_layers().items():
             requested = self.sparsity_cfg.requested_density(name)
-            achieved = layer.blocks_per_group / layer.blocks_total
+            achieved = topology.density(layer.blocks_per_group, layer.blocks_total)
             if requested is not None and abs(achieved - requested) > 1e-9:
                 key = f"sparsity.layers.{name}" if name in self.sparsity_cfg.layers else "sparsity.density"
                 log.warning("%s=%g: %s keeps %d of %d input groups per tap and output group, density %.4g "
@@ -129,8 +132,9 @@ class StreamLIC(StageState, CompressionModel):
     def _cut_masks(self) -> None:
         for name, layer in self.sparse_layers().items():
             layer.set_mask()
-            log.info("%s: block mask cut, %d of %d blocks per output group kept (density %.4g)", name,
-                     layer.blocks_per_group, layer.blocks_total, layer.blocks_per_group / layer.blocks_total)
+            kept, total = layer.blocks_per_group, layer.blocks_total
+            log.info("%s: block mask cut, %d of %d blocks per output group kept (density %.4g)", name, kept, total,
+                     topology.density(kept, total))
 
     def _init_tables(self) -> None:
         sigmas = fxp.sigma_levels(torch.float32).to(self.rectified_cdf_y.logits.device)
@@ -185,22 +189,6 @@ class StreamLIC(StageState, CompressionModel):
         if scale_table is None:
             scale_table = fxp.sigma_levels(torch.float32)
         return super().update(scale_table=scale_table, force=force, update_quantiles=update_quantiles)
-
-    def compress(self, x: Tensor) -> dict[str, Any]:
-        """compressai's ``compress``: ``{"strings": [y_strings, z_strings], "shape": z_shape}``.
-
-        Runs the exact integer model (stage 3 or later); ``x`` [B, 3, H, W] in [0, 1] is padded
-        to a multiple of 64. For many calls build one :class:`streamlic.codec.StreamCodec`.
-        """
-        from .codec import compress_batch  # lazy: the codec imports this module
-
-        return compress_batch(self, x)
-
-    def decompress(self, strings: list, shape) -> dict[str, Tensor]:
-        """compressai's ``decompress``: ``{"x_hat": ...}`` at the padded size, from the exact integer decoder."""
-        from .codec import decompress_batch
-
-        return decompress_batch(self, strings, shape)
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
@@ -279,7 +267,7 @@ class StreamLIC(StageState, CompressionModel):
             sigma = fxp.sigma_from_index(odd)
         else:
             sigma = fxp.sigma_from_v(odd)
-            index = torch.clamp(torch.floor(fxp.scale_index_from_v(odd.detach()) + 0.5), 0, fxp.SCALE_LEVELS - 1)
+            index = torch.clamp(torch.floor(fxp.scale_index_from_v(odd.detach()) + 0.5), 0, fxp.SCALE_INDEX_MAX)
         return means, sigma, index
 
     @property
@@ -302,19 +290,19 @@ class StreamLIC(StageState, CompressionModel):
         """
         ls = self.grid_hw.latent_scale
         b, c, height, width = y.shape
-        padded = y.new_zeros(b, c, height + 3, width + 2)
+        padded = topology.context_buffer(y, height, width)
         y_q = y / ls
         residuals = torch.empty_like(y)  # symbols before their clamp; clamped and counted once after the loop
         ep_rows = []
         row_step = self._row_step or type(self).decode_row
         for h in range(height):
-            y_hat_row, residuals[:, :, h:h + 1], ep = row_step(self, padded[:, :, h:h + 3], params[:, :, h:h + 1],
-                                                               y_q[:, :, h:h + 1])
-            padded[:, :, h + 3:h + 4, 1:-1] = y_hat_row
+            y_hat_row, residuals[:, :, h:h + 1], ep = row_step(self, topology.context_window(padded, h),
+                                                               params[:, :, h:h + 1], y_q[:, :, h:h + 1])
+            topology.context_interior(padded, h).copy_(y_hat_row)
             ep_rows.append(ep)
         self.clamped_symbols += (residuals.abs() > fxp.SYMBOL_MAX).sum()
         symbols = fxp.clamp_symmetric(residuals, fxp.SYMBOL_MAX)
-        return padded[:, :, 3:, 1:-1], symbols, torch.cat(ep_rows, dim=2)
+        return topology.context_interior(padded), symbols, torch.cat(ep_rows, dim=2)
 
     def decode_row(self, window: Tensor, params_row: Tensor, y_q_row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One latent row from the three decoded rows above it (``window``, padded): ŷ of the row, its
@@ -424,32 +412,6 @@ class StreamLIC(StageState, CompressionModel):
             "z_symbols": z_symbols,
             "pdf_index": index,
         }
-
-
-def _build_layer(spec: topology.LayerSpec, hw, sp) -> nn.Module:
-    """The module of one row of the network table."""
-    fixed = hw.latent_scale if spec.fixed_scale else None
-    latent = spec.role == "latent"
-    float_range = fxp.fixed_scale_range(fxp.FLOAT_STAGE_HARDWARE, latent) if spec.fixed_scale else None
-    if spec.kind == topology.CONV:
-        bound = fxp.latent_bound(hw) if latent else None
-        return QConv2d(spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding, hw=hw,
-                       fixed_scale=fixed, out_bound=bound, float_range=float_range)
-    if spec.kind == topology.SPARSE:
-        return FGPConv2d(spec.in_channels, spec.out_channels, spec.kernel, spec.padding, hw=hw, fixed_scale=fixed,
-                         group_num=sp.group_num(spec.sparse, spec.in_channels, hw.block_in),
-                         pdf_index=spec.role == "pdf_index", float_range=float_range)
-    if spec.kind == topology.UPSAMPLE:
-        return QUpsampleConv2d(spec.in_channels, spec.out_channels, hw, fixed_scale=fixed, float_range=float_range)
-    if spec.kind == topology.LAGC:
-        return LAGC(spec.out_channels, hw)
-    if spec.kind == topology.LEAKY:
-        return QLeakyReLU()
-    if spec.kind == topology.CHANNEL_ADD:
-        return ChannelAddition(hw, hw.latent_scale)
-    if spec.kind == topology.PAD:
-        return nn.ZeroPad2d(spec.pad)
-    return nn.Identity()  # the context model's padding slot
 
 
 def _upgrade_state_dict(module, state_dict, prefix, *args) -> None:

@@ -15,19 +15,12 @@ import torch
 from torch import Tensor
 
 from . import fixedpoint as fxp
+from . import topology
 from .config import HardwareConfig
-from .layers import LAGC, FGPConv2d, QConv2d
+from .kinds import BIAS, FIELD_FORMATS, MULTIPLIER, SHIFT, kind_of
 
 if TYPE_CHECKING:
     from .model import StreamLIC
-
-BIAS_KEYS = ("bias", "affine_bias", "score_bias")
-MULTIPLIER_KEYS = (("scale_param", "scale_shift"), ("affine_scale_param", "affine_scale_shift"),
-                   ("score_scale_param", "score_scale_shift"), ("output_scale_param", "output_scale_shift"))
-LAGC_KEYS = ("affine_weight", "affine_bias", "affine_scale_param", "affine_scale_shift", "score_scale_param",
-             "score_scale_shift", "score_bias", "output_scale_param", "output_scale_shift")
-CONV_KEYS = ("weight", "bias", "scale_param", "scale_shift")
-FLOAT_KEYS = ("float_input_scale", "float_output_scale")
 
 
 class ExportError(ValueError):
@@ -61,11 +54,16 @@ def export_quantized_parameters(model: StreamLIC) -> dict[str, dict[str, Tensor]
     require_integer_stage(model, "export_quantized_parameters")
     exact = copy.deepcopy(model).cpu().double()  # the float64 integers are the ones the harness checks
     params: dict[str, dict[str, Tensor]] = {}
-    for name, module in exact.named_modules():
-        if not isinstance(module, (QConv2d, LAGC)):
+    for spec in topology.layers(model.model_cfg):
+        fields = kind_of(spec).fields
+        if not fields:
             continue
+        name, module = spec.path, exact.get_submodule(spec.path)
         layer = {key: _integers(name, key, value) for key, value in module.integer_params().items()}
-        if isinstance(module, FGPConv2d):
+        if set(layer) != set(fields):
+            raise ExportError(f"{name}: integer_params() gives {sorted(layer)}, its kind {spec.kind} exports "
+                              f"{sorted(fields)} (streamlic.kinds)")
+        if "mask" in fields:
             # an unmasked layer uses every block
             layer["mask"] = layer["mask"] if module.masked else torch.ones_like(layer["mask"])
             _check_masked_weights(name, layer["weight"], layer["mask"])
@@ -101,24 +99,16 @@ def _check_masked_weights(layer: str, weight: Tensor, mask: Tensor) -> None:
 
 
 def _check_ranges(layer: str, params: dict[str, Tensor], hw: HardwareConfig) -> None:
-    bias_max = hw.bias_max
-    for key in BIAS_KEYS:
-        if key in params and bool((params[key].abs() > bias_max).any()):
-            channel = int((params[key].abs() > bias_max).nonzero()[0, 0])
-            raise fxp.FixedPointError(
-                f"{layer}: {key} {int(params[key][channel])} (channel {channel}) exceeds the "
-                f"{hw.precision_bits}-bit range ±{bias_max}")
-    for m_key, k_key in MULTIPLIER_KEYS:
-        if m_key not in params:
+    """Every bias, multiplier and shift in its hardware range (which fields are which: streamlic.kinds)."""
+    limits = {BIAS: (-hw.bias_max, hw.bias_max, f"the {hw.precision_bits}-bit range ±{hw.bias_max}"),
+              MULTIPLIER: (1, hw.multiplier_max, f"[1, {hw.multiplier_max}] ({hw.multiplier_bits}-bit multiplier)"),
+              SHIFT: (0, hw.shift_max, f"[0, {hw.shift_max}] ({hw.shift_bits}-bit shift)")}
+    for key, value in params.items():
+        if FIELD_FORMATS.get(key) not in limits:
             continue
-        m, k = params[m_key], params[k_key]
-        bad_m = (m < 1) | (m > hw.multiplier_max)
-        if bool(bad_m.any()):
-            channel = int(bad_m.nonzero()[0, 0])
-            raise fxp.FixedPointError(f"{layer}: {m_key} {int(m[channel])} (channel {channel}) is outside "
-                                      f"[1, {hw.multiplier_max}] ({hw.multiplier_bits}-bit multiplier)")
-        bad_k = (k < 0) | (k > hw.shift_max)
-        if bool(bad_k.any()):
-            channel = int(bad_k.nonzero()[0, 0])
-            raise fxp.FixedPointError(f"{layer}: {k_key} {int(k[channel])} (channel {channel}) is outside "
-                                      f"[0, {hw.shift_max}] ({hw.shift_bits}-bit shift)")
+        lo, hi, allowed = limits[FIELD_FORMATS[key]]
+        bad = (value < lo) | (value > hi)
+        if bool(bad.any()):
+            channel = int(bad.nonzero()[0, 0])
+            verb = "exceeds" if FIELD_FORMATS[key] == BIAS else "is outside"
+            raise fxp.FixedPointError(f"{layer}: {key} {int(value[channel])} (channel {channel}) {verb} {allowed}")

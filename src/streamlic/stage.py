@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -192,3 +193,27 @@ def stage_state_of_version_1(flags: dict[str, bool]) -> dict[str, Any]:
     prepared = [name for name, flag in zip(PREPARATIONS, ("masks_set", "scales_frozen", "pdf_initialized"))
                 if flags[flag]]
     return {"stage": stage.label, "masked": bool(flags["masked"]), "prepared": prepared}
+
+
+@dataclass
+class SchedulePosition:
+    """Where a training run stands in the stage schedule, published on the LightningModule.
+
+    The stage schedule callback writes it at every epoch start; the other callbacks (weight
+    average, progress bar, interruption) read it and never look for that callback. Without
+    a schedule the run is one stage from schedule epoch 0 to its last epoch.
+    """
+
+    epoch_offset: int = 0  # schedule epoch of the run's first epoch (a later stage's start after init_from)
+    stage_last_epoch: int | None = None  # schedule epoch at whose end the current stage ends (None: the run's last)
+
+    def schedule_epoch(self, trainer: Any) -> int:
+        return trainer.current_epoch + self.epoch_offset
+
+    def stage_ends_this_epoch(self, trainer: Any) -> bool:
+        last = self.stage_last_epoch
+        if last is None:
+            if trainer.max_epochs is None or trainer.max_epochs < 0:
+                return False
+            last = trainer.max_epochs - 1 + self.epoch_offset
+        return self.schedule_epoch(trainer) == last

@@ -55,11 +55,12 @@ def context_macs_per_pixel(model) -> dict[str, Any]:
         else:
             active = layer.out_groups * layer.blocks_per_group * layer.block_in * layer.block_out
         sparse = topology.macs_per_position(spec, active)
-        layers[name] = {"dense": dense * per_pixel, "sparse": sparse * per_pixel, "density": sparse / dense,
-                        "blocks_per_group": layer.blocks_per_group}
+        layers[name] = {"dense": dense * per_pixel, "sparse": sparse * per_pixel,
+                        "density": topology.density(sparse, dense), "blocks_per_group": layer.blocks_per_group}
     dense_total = sum(entry["dense"] for entry in layers.values())
     sparse_total = sum(entry["sparse"] for entry in layers.values())
-    return {"dense": dense_total, "sparse": sparse_total, "density": sparse_total / dense_total, "layers": layers}
+    return {"dense": dense_total, "sparse": sparse_total, "density": topology.density(sparse_total, dense_total),
+            "layers": layers}
 
 
 def write_results(output_dir: str | Path, results: dict[str, Any]) -> Path:

@@ -12,12 +12,14 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from .config import ModelConfig
+from .formats import SYMBOL_MAX
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+    from .config import HardwareConfig, ModelConfig
 
 SUBNETWORKS = ("g_a", "h_a", "h_s", "g_s", "context_prediction", "entropy_parameters")
 LATENT_STRIDE = 16  # image pixels per latent pixel (four stride-2 convolutions)
@@ -26,7 +28,10 @@ HYPER_ANALYSIS_PAD = (1, 1, 2, 0)  # causal: left, right, top, bottom (what the 
 CONTEXT_ROWS = 3  # a latent row is predicted from the three rows above it
 CONTEXT_PAD = (1, 1, CONTEXT_ROWS, 0)  # left, right, top, bottom of the context model's input
 
-# kinds of layers
+# the block-sparse layers of the row engine, by their short names
+CTX1, CTX2, EP = SPARSE_LAYERS = ("ctx1", "ctx2", "ep")
+
+# kinds of layers (streamlic.kinds registers what each one is built from)
 CONV, LAGC, UPSAMPLE, LEAKY, PAD, SLOT, CHANNEL_ADD, SPARSE = (
     "conv", "lagc", "upsample", "leaky", "pad", "slot", "channel_add", "sparse")
 
@@ -56,8 +61,8 @@ class LayerSpec:
 
     @property
     def weighted(self) -> bool:
-        """A layer with integer parameters in the exports."""
-        return self.kind in (CONV, LAGC, UPSAMPLE, SPARSE)
+        """A layer with integer parameters in the exports (its kind counts MACs)."""
+        return _geometry(self).macs is not None
 
 
 def _conv(path, c_in, c_out, stride=2, padding=1, **kw) -> LayerSpec:
@@ -82,14 +87,14 @@ def network(cfg: ModelConfig) -> dict[str, tuple[LayerSpec, ...]]:
                 LayerSpec("g_s.6", UPSAMPLE, c1, 3, (2, 2))),
         # index 0 is the research code's padding slot: rows arrive padded (CONTEXT_PAD)
         "context_prediction": (LayerSpec("context_prediction.0", SLOT, m, m),
-                               LayerSpec("context_prediction.1", SPARSE, m, 2 * m, (3, 3), sparse="ctx1"),
+                               LayerSpec("context_prediction.1", SPARSE, m, 2 * m, (3, 3), sparse=CTX1),
                                LayerSpec("context_prediction.2", LEAKY, 2 * m, 2 * m),
                                LayerSpec("context_prediction.3", SPARSE, 2 * m, 2 * m, (1, 3), padding=(0, 1),
-                                         fixed_scale=True, sparse="ctx2")),
+                                         fixed_scale=True, sparse=CTX2)),
         "entropy_parameters": (LayerSpec("entropy_parameters.0", CHANNEL_ADD, 4 * m, 2 * m),
                                LayerSpec("entropy_parameters.1", LEAKY, 2 * m, 2 * m),
                                LayerSpec("entropy_parameters.2", SPARSE, 2 * m, 2 * m, (1, 3), padding=(0, 1),
-                                         fixed_scale=True, sparse="ep", role="pdf_index")),
+                                         fixed_scale=True, sparse=EP, role="pdf_index")),
     }
 
 
@@ -109,6 +114,44 @@ def layer_with(cfg: ModelConfig, *, role: str | None = None, sparse: str | None 
 def sparse_paths(cfg: ModelConfig) -> dict[str, str]:
     """The block-sparse layers of the row engine: ``{"ctx1": "context_prediction.1", ...}``."""
     return {spec.sparse: spec.path for spec in layers(cfg) if spec.kind == SPARSE}
+
+
+def input_bound(spec: LayerSpec, hw: HardwareConfig) -> int:
+    """The largest |integer| entering a layer: the image into ``g_a.0``, the 8-bit hyper symbols into
+    ``h_s.0``, an activation anywhere else."""
+    return {"g_a.0": hw.image_max, "h_s.0": SYMBOL_MAX}.get(spec.path, hw.act_max)
+
+
+def row_engine_paths(cfg: ModelConfig) -> dict[str, str]:
+    """The row engine's tensors under their module paths: ctx1, its LeakyReLU, ctx2, the channel addition,
+    its LeakyReLU, ep."""
+    context, entropy = network(cfg)["context_prediction"], network(cfg)["entropy_parameters"]
+    return {CTX1: context[1].path, "ctx1_act": context[2].path, CTX2: context[3].path,
+            "summed": entropy[0].path, "summed_act": entropy[1].path, EP: entropy[2].path}
+
+
+def context_buffer(like: Tensor, height: int, width: int) -> Tensor:
+    """Zeros [B, C, height + CONTEXT_ROWS, width + 2] (``like``'s batch, channels, dtype, device): the decoded
+    latent rows with the context model's padding (:data:`CONTEXT_PAD`) around them."""
+    left, right, top, bottom = CONTEXT_PAD
+    return like.new_zeros(like.shape[0], like.shape[1], height + top + bottom, width + left + right)
+
+
+def context_window(buffer: Tensor, row: int) -> Tensor:
+    """The padded rows above latent row ``row``: the context model's input for it."""
+    return buffer[:, :, row:row + CONTEXT_ROWS]
+
+
+def context_interior(buffer: Tensor, row: int | None = None) -> Tensor:
+    """Latent row ``row`` inside the padded buffer (all rows when ``row`` is None), a view to write or read."""
+    left, right, top, _ = CONTEXT_PAD
+    rows = slice(top, None) if row is None else slice(top + row, top + row + 1)
+    return buffer[:, :, rows, left:buffer.shape[-1] - right]
+
+
+def density(active: int | float, total: int | float) -> float:
+    """The fraction of a block-sparse layer kept: active blocks (or MACs) over all of them."""
+    return active / total
 
 
 def padded_size(height: int, width: int) -> tuple[int, int]:
@@ -131,40 +174,58 @@ def pad_to_multiple(x: Tensor, multiple: int = PAD_MULTIPLE) -> Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
 
 
+def same_size(spec: LayerSpec, height: int, width: int) -> tuple[int, int]:
+    return height, width
+
+
+def strided_positions(spec: LayerSpec, height: int, width: int) -> tuple[int, int]:
+    """Output positions of a convolution with the spec's kernel, stride and zero padding."""
+    (kh, kw), (ph, pw) = spec.kernel, spec.padding
+    return (height + 2 * ph - kh) // spec.stride + 1, (width + 2 * pw - kw) // spec.stride + 1
+
+
+@dataclass(frozen=True)
+class KindGeometry:
+    """What a kind of layer does to its input's size and what one output position costs.
+
+    Part of a layer kind's entry in :mod:`streamlic.kinds`, whose ``register`` puts it in
+    :data:`GEOMETRY`, where the functions below (which need no torch) read it.
+    """
+
+    positions: Callable[[LayerSpec, int, int], tuple[int, int]] = same_size  # output positions it computes
+    output: Callable[[LayerSpec, int, int], tuple[int, int]] | None = None  # output size, if not the positions
+    macs: Callable[[LayerSpec], int] | None = None  # dense MACs of one output position (None: no weights)
+
+
+GEOMETRY: dict[str, KindGeometry] = {}  # by kind, filled by streamlic.kinds.register
+
+
+def _geometry(spec: LayerSpec) -> KindGeometry:
+    try:
+        return GEOMETRY[spec.kind]
+    except KeyError:
+        raise KeyError(f"{spec.path}: no layer kind {spec.kind!r} is registered (streamlic.kinds)") from None
+
+
 def conv_positions(spec: LayerSpec, height: int, width: int) -> tuple[int, int]:
     """Output positions (rows, columns) of a layer for an input of ``height x width``.
 
     An upsampling layer's 2x2 convolution runs on its input padded by 1, at ``(h+1) x (w+1)``
     positions before the pixel shuffle; its output is then ``2h x 2w``.
     """
-    if spec.kind == UPSAMPLE:
-        return height + 1, width + 1
-    if spec.kind in (CONV, SPARSE):
-        (kh, kw), (ph, pw) = spec.kernel, spec.padding
-        return (height + 2 * ph - kh) // spec.stride + 1, (width + 2 * pw - kw) // spec.stride + 1
-    if spec.kind == PAD:
-        left, right, top, bottom = spec.pad
-        return height + top + bottom, width + left + right
-    return height, width
+    return _geometry(spec).positions(spec, height, width)
 
 
 def output_size(spec: LayerSpec, height: int, width: int) -> tuple[int, int]:
     """Output size of a layer for an input of ``height x width``."""
-    if spec.kind == UPSAMPLE:
-        return 2 * height, 2 * width
-    return conv_positions(spec, height, width)
+    geometry = _geometry(spec)
+    return (geometry.output or geometry.positions)(spec, height, width)
 
 
 def macs_per_position(spec: LayerSpec, active_weights: int | None = None) -> int:
     """Multiply-accumulates of one output position: a convolution's weights (the active ones if
     given), an LAGC's ``C^2`` affine weights plus ``2C`` for its gain and output products."""
-    if spec.kind == LAGC:
-        return spec.in_channels * spec.out_channels + 2 * spec.out_channels
-    if active_weights is not None:
-        return active_weights
-    kh, kw = spec.kernel
-    out_channels = 4 * spec.out_channels if spec.kind == UPSAMPLE else spec.out_channels
-    return out_channels * spec.in_channels * kh * kw
+    return _geometry(spec).macs(spec) if active_weights is None else active_weights
 
 
 def layer_geometry(cfg: ModelConfig, height: int, width: int) -> dict[str, tuple[int, int]]:

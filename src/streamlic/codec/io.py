@@ -57,13 +57,25 @@ def load_image_file(path: Path) -> Tensor:
 
 
 def compress_batch(model: CodecSource, x: Tensor) -> dict[str, Any]:
-    """compressai's ``compress`` for a model (see :meth:`StreamCodec.compress`)."""
+    """compressai's ``compress`` for a model (see :meth:`StreamCodec.compress`); also ``StreamLIC.compress``.
+
+    ``{"strings": [y_strings, z_strings], "shape": z_shape}`` from the exact integer model (stage 3
+    or later); ``x`` [B, 3, H, W] in [0, 1] is padded to a multiple of 64. For many calls build one
+    :class:`StreamCodec`.
+    """
     return load_codec(model).compress(x)
 
 
 def decompress_batch(model: CodecSource, strings: Sequence[Sequence[bytes]], shape: Sequence[int]) -> dict[str, Tensor]:
-    """compressai's ``decompress`` for a model (see :meth:`StreamCodec.decompress`)."""
+    """compressai's ``decompress`` for a model (see :meth:`StreamCodec.decompress`); also
+    ``StreamLIC.decompress``: ``{"x_hat": ...}`` at the padded size, from the exact integer decoder."""
     return load_codec(model).decompress(strings, shape)
+
+
+# compressai's CompressionModel API on the model, living with the codec that runs it: the model
+# module does not import the codec (docs/architecture.md, dependency direction)
+StreamLIC.compress = compress_batch
+StreamLIC.decompress = decompress_batch
 
 
 def compress_image(model_or_ckpt: CodecSource, image: Tensor | str | os.PathLike) -> bytes:

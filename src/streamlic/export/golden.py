@@ -39,7 +39,7 @@ GOLDEN_TENSORS = {"x.txt": "x", "y.txt": "latent", "z_hat.txt": "z_hat", "hyper.
 CORNER_DIR = "corner"
 CORNER_SEEDS = 16
 # Both sides of each of these clamps must be reached by the corner-case set.
-CORNER_CLAMPS = ("symbols", "pdf_index", "ctx1", "ctx2", "channel_addition", "ep_mean")
+CORNER_CLAMPS = ("symbols", "pdf_index", topology.CTX1, topology.CTX2, "channel_addition", "ep_mean")
 
 
 def _write_tensors(directory: Path, tensors: dict[str, Tensor]) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def worst_case_outputs(integer_model: IntegerModel) -> dict[str, tuple[Tensor, T
     """
     act = integer_model.hw.act_max
     after_leaky = int(fxp.leaky_relu(torch.tensor(-act)))
-    input_ranges = {"ctx1": (-act, act), "ctx2": (after_leaky, act), "ep": (after_leaky, act)}
+    input_ranges = {topology.CTX1: (-act, act), topology.CTX2: (after_leaky, act), topology.EP: (after_leaky, act)}
     outputs = {}
     for short, (in_lo, in_hi) in input_ranges.items():
         layer = integer_model.context[short]
@@ -86,7 +86,7 @@ def worst_case_outputs(integer_model: IntegerModel) -> dict[str, tuple[Tensor, T
         acc_lo = (positive * in_lo + negative * in_hi).sum(dim=(1, 2, 3))
         lo, hi = (layer.requantize(acc.to(torch.int64).view(1, -1, 1, 1), clamped=False).view(-1)
                   for acc in (acc_lo, acc_hi))
-        if short == "ep":
+        if short == topology.EP:
             outputs["ep_mean"], outputs["pdf_index"] = (lo[0::2], hi[0::2]), (lo[1::2], hi[1::2])
         else:
             outputs[short] = (lo, hi)
@@ -100,7 +100,7 @@ def _aimed_latent_rows(integer_model: IntegerModel, channel: int, sign: int) -> 
     in ``channel`` of ctx2, and each latent (channel, row) takes the full-scale sign that
     raises that wish most.
     """
-    w1, w2 = integer_model.context["ctx1"].weight, integer_model.context["ctx2"].weight
+    w1, w2 = integer_model.context[topology.CTX1].weight, integer_model.context[topology.CTX2].weight
     wanted = sign * w2[channel].sum(dim=(1, 2))  # [2M]: how much each ctx1 channel should rise
     drive = torch.einsum("j,jihw->ih", wanted, w1)  # [M, 3]: rise of that wish per latent (channel, row)
     return torch.where(drive >= 0, 1, -1) * fxp.latent_bound(integer_model.hw)
@@ -112,7 +112,7 @@ def _aimed_hyper_row(integer_model: IntegerModel, channel: int, sign: int) -> Te
     The hyper output enters the channel addition directly, so each of ep's input channels
     can be set to the sign of its total weight in ``channel``.
     """
-    wanted = sign * integer_model.context["ep"].weight[channel].sum(dim=(1, 2))
+    wanted = sign * integer_model.context[topology.EP].weight[channel].sum(dim=(1, 2))
     return torch.where(wanted >= 0, 1, -1) * integer_model.hw.act_max
 
 
@@ -194,7 +194,7 @@ def _corner_case_vectors(integer_model: IntegerModel, height: int, width: int, d
     under ``unreachable``; reachable ones that no seed reached under ``unreached``, with a warning.
     """
     act = integer_model.hw.act_max
-    bounds = {"pdf_index": (0, fxp.SCALE_LEVELS - 1)}
+    bounds = {"pdf_index": (0, fxp.SCALE_INDEX_MAX)}
     unreachable = []
     worst = worst_case_outputs(integer_model)
     for name, (lowest, highest) in worst.items():

@@ -7,8 +7,12 @@ from torch import Tensor
 
 from .. import fixedpoint as fxp
 from ..config import HardwareConfig, ModelConfig
+from ..formats import bit_widths
+from ..kinds import field_bits
 
 HEADER_PREFIX = "STREAMLIC"
+# the datapath widths the header defines after ACT_BITS, each as <NAME>_BITS
+DATAPATH_WIDTHS = ("weight", "precision", "residual", "accumulator", "multiplier", "shift")
 
 
 def _c_int_type(bits: int, signed: bool) -> str:
@@ -17,17 +21,8 @@ def _c_int_type(bits: int, signed: bool) -> str:
 
 
 def _c_type_for(key: str, hw: HardwareConfig) -> str:
-    if key.endswith("weight"):
-        return _c_int_type(hw.weight_bits, True)
-    if key.endswith("bias"):
-        return _c_int_type(hw.precision_bits, True)
-    if key.endswith("scale_param"):
-        return _c_int_type(hw.multiplier_bits, False)
-    if key.endswith("scale_shift"):
-        return _c_int_type(hw.shift_bits, False)
-    if key == "mask":
-        return _c_int_type(1, False)
-    raise KeyError(f"no C type for parameter {key}")
+    """The C type of an exported field: the narrowest that holds its width (streamlic.kinds' formats)."""
+    return _c_int_type(*field_bits(key, hw))
 
 
 # numpy and torch handle unsigned types wider than 8 bits poorly: those go one signed size up
@@ -64,9 +59,9 @@ def c_header(params: dict[str, dict[str, Tensor]], tables: dict[str, Tensor], hw
     lines = ["/* StreamLIC integer parameters, written by `streamlic export`. Do not edit. */",
              f"#ifndef {guard}", f"#define {guard}", "", "#include <stdint.h>", "",
              f'#define {_c_name("MODEL_HASH")} "{model_hash}"']
-    widths = {"ACT_BITS": hw.activation_bits, "WEIGHT_BITS": hw.weight_bits, "PRECISION_BITS": hw.precision_bits,
-              "RESIDUAL_BITS": hw.residual_bits, "ACCUMULATOR_BITS": hw.accumulator_bits,
-              "MULTIPLIER_BITS": hw.multiplier_bits, "SHIFT_BITS": hw.shift_bits, "BLOCK_IN": hw.block_in,
+    bits = bit_widths(hw)
+    widths = {"ACT_BITS": bits["activation"], **{f"{name.upper()}_BITS": bits[name] for name in DATAPATH_WIDTHS},
+              "BLOCK_IN": hw.block_in,
               "BLOCK_OUT": hw.block_out, "LATENT_SHIFT": hw.latent_shift, "SYMBOL_MAX": fxp.SYMBOL_MAX,
               "SCALE_LEVELS": fxp.SCALE_LEVELS, **{key.upper(): value for key, value in model_cfg.to_dict().items()}}
     lines += [f"#define {_c_name(key)} {value}" for key, value in widths.items()]

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .. import fixedpoint as fxp
 from ..config import hardware_config, model_config
+from ..formats import CDF_PRECISION, bit_widths
 from ..integer_model import IntegerModel
 from ..params import ExportError, export_quantized_parameters, require_integer_stage, research_parameter_dict
 from ..topology import padded_size
@@ -127,10 +128,7 @@ def export_package(model, out_dir: str | Path, image: Tensor | None = None,
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model_hash": integer_model.model_hash,
         "stage": model.stage,
         "config": {"model": model_cfg.to_dict(), "hardware": hw.to_dict(), "sparsity": model.sparsity_cfg.to_dict()},
-        "bit_widths": {"activation": hw.activation_bits, "weight": hw.weight_bits, "precision": hw.precision_bits,
-                       "residual": hw.residual_bits, "accumulator": hw.accumulator_bits,
-                       "multiplier": hw.multiplier_bits, "shift": hw.shift_bits, "symbol": 8,
-                       "cdf_precision": 16},
+        "bit_widths": bit_widths(hw),
         "layers": {layer: {key: ({"shape": list(value.shape),
                                   "dtype": str(stored[layer][key].dtype).removeprefix("torch.")}
                                  if not value.is_floating_point()
@@ -140,7 +138,7 @@ def export_package(model, out_dir: str | Path, image: Tensor | None = None,
         "context_layers": sparse_layer_info(params, hw, model_cfg, blocks_per_group),
         "hls_streams": sections,
         "cdf": {"tables": {"cdf_y": list(integer_model.cdf_y.shape), "cdf_z": list(integer_model.cdf_z.shape)},
-                "symbol_offset": -fxp.SYMBOL_MAX, "precision": 16,
+                "symbol_offset": -fxp.SYMBOL_MAX, "precision": CDF_PRECISION,
                 "note": "column j of a row is the cumulative frequency below symbol j - 127; the last column "
                         "closes the overflow slot"},
         "golden": golden,

@@ -9,27 +9,25 @@ from torch import Tensor
 from .. import fixedpoint as fxp
 from .. import topology
 from ..config import HardwareConfig, ModelConfig
+from ..formats import bit_widths
 from ..integer_layers import block_mask
+from ..kinds import kind_of
 
 REPORT_SIZE = (512, 768)  # (H, W) of the hardware report when no image is given
 
 
-REPORT_KINDS = {topology.CONV: "conv", topology.LAGC: "lagc", topology.UPSAMPLE: "upsample_conv",
-                topology.SPARSE: "block_sparse_conv"}
-
 
 def _layer_table(model_cfg: ModelConfig, hw: HardwareConfig, height: int, width: int) -> list[dict[str, Any]]:
     """Every weighted layer at a ``height x width`` image: kind, channels, kernel, input bound, positions."""
-    input_bounds = {"g_a.0": hw.image_max, "h_s.0": fxp.SYMBOL_MAX}  # the image and the hyper symbols
     specs = {spec.path: spec for spec in topology.layers(model_cfg)}
     rows = []
     for path, (rows_out, columns_out) in topology.layer_geometry(model_cfg, height, width).items():
         spec = specs[path]
-        kernel = list(spec.kernel) if spec.kind != topology.LAGC else [1, 1]
-        out_channels = 4 * spec.out_channels if spec.kind == topology.UPSAMPLE else spec.out_channels
-        row = {"layer": path, "kind": REPORT_KINDS[spec.kind], "in_channels": spec.in_channels,
-               "out_channels": out_channels, "kernel": kernel, "positions": rows_out * columns_out,
-               "input_bound": input_bounds.get(path, hw.act_max)}
+        kind = kind_of(spec)
+        out_channels, kernel = kind.convolved(spec)
+        row = {"layer": path, "kind": kind.report_kind, "in_channels": spec.in_channels,
+               "out_channels": out_channels, "kernel": list(kernel), "positions": rows_out * columns_out,
+               "input_bound": topology.input_bound(spec, hw), "weight_field": kind.weight_field}
         if spec.sparse:
             row["short_name"] = spec.sparse
         rows.append(row)
@@ -50,28 +48,29 @@ def hardware_report(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, mo
     accumulator does not fit ``hw.accumulator_bits``.
     """
     layers = []
+    widths = bit_widths(hw)
     specs = {spec.path: spec for spec in topology.layers(model_cfg)}
     for row in _layer_table(model_cfg, hw, height, width):
         p = params[row["layer"]]
-        weight = p["affine_weight"] if row["kind"] == "lagc" else p["weight"]
+        weight = p[row.pop("weight_field")]
         dense = topology.macs_per_position(specs[row["layer"]])
         active = topology.macs_per_position(specs[row["layer"]], int(p["mask"].sum())) if "mask" in p else dense
         worst = float(weight.abs().sum(dim=(1, 2, 3)).max()) * row["input_bound"]
         acc_bits = fxp.accumulator_bits(worst)
-        if acc_bits > hw.accumulator_bits:
+        if acc_bits > widths["accumulator"]:
             raise fxp.FixedPointError(
                 f"{row['layer']}: worst-case accumulator |acc| <= {worst:.4g} needs {acc_bits} bits, more than "
                 f"hardware.accumulator_bits={hw.accumulator_bits}")
         entry = {**row, "macs_per_position_dense": dense, "macs_per_position_sparse": active,
                  "macs_dense": dense * row["positions"], "macs_sparse": active * row["positions"],
-                 "weight_bits": hw.weight_bits, "weight_bits_used": fxp.accumulator_bits(float(weight.abs().max())),
-                 "accumulator_bits": acc_bits, "accumulator_bits_limit": hw.accumulator_bits}
+                 "weight_bits": widths["weight"], "weight_bits_used": fxp.accumulator_bits(float(weight.abs().max())),
+                 "accumulator_bits": acc_bits, "accumulator_bits_limit": widths["accumulator"]}
         if "mask" in p:
             blocks = block_mask(p["mask"], hw.block_in, hw.block_out)
             entry.update(blocks_per_group=blocks_per_group[row["short_name"]],
                          block_count_per_group=[int(n) for n in blocks.flatten(1).sum(dim=1)],
                          blocks_total_per_group=int(blocks[0].numel()),
-                         density=active / dense)
+                         density=topology.density(active, dense))
         layers.append(entry)
     totals = _totals(layers, height * width)
     return {"image_size": [height, width], "input_size": None if input_size is None else list(input_size),

@@ -95,12 +95,12 @@ def block_channel_pointer(short: str, kh: int, in_group: int, latent_channels: i
 
     ctx1 reads three latent rows, stacked in the engine's buffer one above the other.
     """
-    return kh * (latent_channels // block_in) + in_group if short == "ctx1" else in_group
+    return kh * (latent_channels // block_in) + in_group if short == topology.CTX1 else in_group
 
 
 def block_of_pointer(short: str, pointer: int, latent_channels: int, block_in: int) -> tuple[int, int]:
     """``(kh, input group)`` of a channel pointer: the inverse of :func:`block_channel_pointer`."""
-    return divmod(pointer, latent_channels // block_in) if short == "ctx1" else (0, pointer)
+    return divmod(pointer, latent_channels // block_in) if short == topology.CTX1 else (0, pointer)
 
 
 def read_ints(path: Path) -> list[int]:

@@ -122,7 +122,7 @@ class QuantizeBias(torch.autograd.Function):
     @staticmethod
     def forward(ctx, bias, quotient, gradient, bound, offset):
         v = quotient(bias.detach().double())
-        q = torch.round(v).clamp_(-bound, bound)
+        q = fxp.quantize_bias(v, bound)
         if isinstance(offset, Tensor) or offset:
             q += offset
         ctx.save_for_backward(gradient * (v.abs() <= bound))

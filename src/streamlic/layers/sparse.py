@@ -135,7 +135,7 @@ class FGPConv2d(QConv2d):
             return super()._output_bounds()
         odd = per_channel(self.odd_channels)
         lo = torch.where(odd, 0.0, -float(self.out_bound))
-        hi = torch.where(odd, float(fxp.SCALE_LEVELS - 1), float(self.out_bound))
+        hi = torch.where(odd, float(fxp.SCALE_INDEX_MAX), float(self.out_bound))
         return lo, hi
 
     def output_scale_map(self) -> Tensor:
