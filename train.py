@@ -152,48 +152,73 @@ def export_model(model: StreamLIC, out_dir: Path, datamodule) -> dict[str, Any]:
     return {"dir": str(out_dir), "error": None}
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """One training run; returns (and writes to ``results.json``) its results.
+def starting_point(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, list, dict | None, int | None]:
+    """Where the run starts: its config, its invocations, an ``init_from`` checkpoint and, for a resumed run,
+    the schedule epochs it has already trained.
 
-    With ``ckpt_path`` the run continues from its own checkpoint with the config stored in
-    it (:func:`streamlic.runs.resume_config`); the new invocation is appended to the run's
-    record. With ``init_from`` what the checkpoint fixes comes from it
-    (:func:`streamlic.runs.init_from_config`).
+    With ``ckpt_path`` the config is the one stored in the checkpoint
+    (:func:`streamlic.runs.resume_config`) and the new invocation is appended to the run's record;
+    with ``init_from`` what the checkpoint fixes comes from it (:func:`streamlic.runs.init_from_config`).
     """
+    from callbacks import invocation, read_run_record, schedule_epochs_done
+
+    invocations = [invocation(overrides, cfg.ckpt_path)]
+    if not cfg.ckpt_path:
+        init_checkpoint = load_checkpoint(cfg.init_from, "init_from") if cfg.init_from else None
+        if init_checkpoint is not None:
+            cfg = init_from_config(cfg, init_checkpoint, overrides)
+        return plain(cfg), invocations, init_checkpoint, None
+    checkpoint = load_checkpoint(cfg.ckpt_path, "ckpt_path")
+    record = read_run_record(checkpoint)
+    if record is None:
+        log.warning("ckpt_path=%s holds no stored config (a checkpoint of an older release): the run resumes "
+                    "with the config of this command line", cfg.ckpt_path)
+        cfg = plain(cfg)
+    else:
+        cfg = resume_config(cfg, record, overrides)
+        invocations = [*record["invocations"], *invocations]
+        log.info("resuming with the run's stored config (invocation %d of this run)", len(invocations))
+    return cfg, invocations, None, schedule_epochs_done(checkpoint)
+
+
+def stage_results(model: StreamLIC, callbacks: list) -> dict[str, Any]:
+    """What ``results.json`` says of the model and its stages: the stage report, the last validation
+    point, the stage checkpoints, the context MACs, sparsity and hardware."""
+    from callbacks import StageSchedule
+    from streamlic.sweep import context_macs_per_pixel
+
+    stages = next((cb for cb in callbacks if isinstance(cb, StageSchedule)), None)
+    rows = stages.rows() if stages else []
+    finished_rows = [row for row in rows if row.get("end")]
+    return dict(
+        stage=model.stage,
+        stage_report=rows,
+        val=finished_rows[-1]["end"] if finished_rows else None,
+        checkpoints={row["stage"]: row["checkpoint"] for row in finished_rows},
+        context_macs_per_pixel=context_macs_per_pixel(model),
+        sparsity=model.sparsity_cfg.to_dict(),
+        hardware=model.hw.name,
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """One training run from its starting point (:func:`starting_point`); returns (and writes to
+    ``results.json``) its results."""
     check_config(cfg)  # before the imports below: a mistyped value is one line within a second or two
     quiet_dependencies()
     import lightning as L
     from lightning.pytorch.loggers import WandbLogger
 
-    from callbacks import (NonFiniteLossError, RunInterrupted, RunRecord, StageSchedule, invocation, parse_schedule,
-                           read_run_record, schedule_epochs_done)
+    from callbacks import NonFiniteLossError, RunInterrupted, RunRecord, parse_schedule
     from streamlic.stage import STAGES
-    from streamlic.sweep import context_macs_per_pixel, write_results
+    from streamlic.sweep import write_results
     from streamlic.threads import apply_thread_policy
 
     overrides = job_overrides()
-    invocations = [invocation(overrides, cfg.ckpt_path)]
-    init_checkpoint = None
-    if cfg.ckpt_path:
-        checkpoint = load_checkpoint(cfg.ckpt_path, "ckpt_path")
-        record = read_run_record(checkpoint)
-        if record is None:
-            log.warning("ckpt_path=%s holds no stored config (a checkpoint of an older release): the run resumes "
-                        "with the config of this command line", cfg.ckpt_path)
-            cfg = plain(cfg)
-        else:
-            cfg = resume_config(cfg, record, overrides)
-            invocations = [*record["invocations"], *invocations]
-            log.info("resuming with the run's stored config (invocation %d of this run)", len(invocations))
-        done = schedule_epochs_done(checkpoint)
-        max_epochs = cfg.trainer.get("max_epochs")
-        if done is not None and max_epochs is not None and 0 <= max_epochs <= done:
-            return already_finished(cfg, done)
-    else:
-        if cfg.init_from:
-            init_checkpoint = load_checkpoint(cfg.init_from, "init_from")
-            cfg = init_from_config(cfg, init_checkpoint, overrides)
-        cfg = plain(cfg)
+    cfg, invocations, init_checkpoint, epochs_done = starting_point(cfg, overrides)
+    max_epochs = cfg.trainer.get("max_epochs")
+    if epochs_done is not None and max_epochs is not None and 0 <= max_epochs <= epochs_done:
+        return already_finished(cfg, epochs_done)
     parse_schedule(cfg.schedule.stages)  # schedule and launcher errors before anything is built
     check_launcher(cfg)
     apply_thread_policy(cfg.get("threads"))
@@ -227,18 +252,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             tested = trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
             results["test"] = _split_metrics(tested[0], "test/") if tested else None
         if trainer.is_global_zero:
-            stages = next((cb for cb in callbacks if isinstance(cb, StageSchedule)), None)
-            rows = stages.rows() if stages else []
-            finished_rows = [row for row in rows if row.get("end")]
-            results.update(
-                stage=model.stage,
-                stage_report=rows,
-                val=finished_rows[-1]["end"] if finished_rows else None,
-                checkpoints={row["stage"]: row["checkpoint"] for row in finished_rows},
-                context_macs_per_pixel=context_macs_per_pixel(model),
-                sparsity=model.sparsity_cfg.to_dict(),
-                hardware=model.hw.name,
-            )
+            results.update(stage_results(model, callbacks))
             if results["status"] == "finished" and cfg.export:
                 results["export"] = export_model(model, Path(cfg.paths.export_dir), datamodule)
                 if results["export"]["error"]:
