@@ -27,7 +27,7 @@ def probe_kind():
         qat=lambda spec, hw, sp: ProbeConv(spec.in_channels, spec.out_channels, spec.kernel, hw=hw),
         integer=lambda spec, p, ctx: IntegerConv(spec.path, p, ctx.hw, ctx.input_bound),
         fields={**kinds.CONV_FIELDS, "probe_gain": kinds.MULTIPLIER},
-        integer_step=lambda module: module.output_scale_map(), report_kind="probe", geometry=kinds.CONV_GEOMETRY))
+        integer_step=lambda module: module.output_scale_map(), report_kind="probe", geometry=topology.GEOMETRY[topology.CONV]))
     yield kind
     kinds.unregister(PROBE)
 
@@ -79,7 +79,7 @@ def test_every_kind_of_the_network_is_registered_and_field_formats_agree():
     with pytest.raises(ValueError, match="already registered"):
         kinds.register(kinds.KINDS[topology.CONV])
     clash = kinds.LayerKind("clash", qat=None, integer=None, fields={"weight": kinds.BIAS},
-                            geometry=kinds.CONV_GEOMETRY)
+                            geometry=topology.GEOMETRY[topology.CONV])
     with pytest.raises(ValueError, match="field weight"):
         kinds.register(clash)
     with pytest.raises(ValueError, match="counts MACs"):

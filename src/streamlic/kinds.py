@@ -153,22 +153,13 @@ def _conv_step(module: QConv2d) -> Tensor:
     return module.output_scale_map()
 
 
-def _weights_per_position(spec: topology.LayerSpec) -> int:
-    """A convolution's MACs per output position: its weights."""
-    (kh, kw) = spec.kernel
-    return spec.out_channels * spec.in_channels * kh * kw
-
-
-CONV_GEOMETRY = topology.KindGeometry(topology.strided_positions, macs=_weights_per_position)
-
-
 register(LayerKind(
     topology.CONV,
     qat=lambda spec, hw, sp: QConv2d(spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding,
                                      hw=hw, out_bound=_latent_bounds(spec, hw)[1], **_fixed(spec, hw)),
     integer=lambda spec, p, ctx: IntegerConv(spec.path, p, ctx.hw, ctx.input_bound, spec.stride, spec.padding[0],
                                              *_latent_bounds(spec, ctx.hw)),
-    fields=CONV_FIELDS, integer_step=_conv_step, report_kind="conv", geometry=CONV_GEOMETRY))
+    fields=CONV_FIELDS, integer_step=_conv_step, report_kind="conv", geometry=topology.GEOMETRY[topology.CONV]))
 register(LayerKind(
     topology.SPARSE,
     qat=lambda spec, hw, sp: FGPConv2d(spec.in_channels, spec.out_channels, spec.kernel, spec.padding, hw=hw,
@@ -177,24 +168,21 @@ register(LayerKind(
     integer=lambda spec, p, ctx: BlockSparseRowConv(spec.path, p, ctx.hw, ctx.input_bound, spec.padding[1],
                                                     ctx.context_engine, *_ep_bounds(spec, ctx.hw)),
     fields={**CONV_FIELDS, "mask": MASK}, integer_step=_conv_step, report_kind="block_sparse_conv",
-    geometry=CONV_GEOMETRY))
+    geometry=topology.GEOMETRY[topology.SPARSE]))
 register(LayerKind(
     topology.UPSAMPLE,
     qat=lambda spec, hw, sp: QUpsampleConv2d(spec.in_channels, spec.out_channels, hw, **_fixed(spec, hw)),
     integer=lambda spec, p, ctx: IntegerUpsampleConv(spec.path, p, ctx.hw, ctx.input_bound),
     fields=CONV_FIELDS, integer_step=_conv_step, report_kind="upsample_conv",
     convolved=lambda spec: (4 * spec.out_channels, spec.kernel),  # four sub-pixels before the shuffle
-    # the 2x2 convolution runs on the input padded by 1, at (h+1) x (w+1) positions; the shuffle doubles the size
-    geometry=topology.KindGeometry(lambda spec, h, w: (h + 1, w + 1), lambda spec, h, w: (2 * h, 2 * w),
-                                   lambda spec: 4 * _weights_per_position(spec))))
+    geometry=topology.GEOMETRY[topology.UPSAMPLE]))
 register(LayerKind(
     topology.LAGC,
     qat=lambda spec, hw, sp: LAGC(spec.out_channels, hw),
     integer=lambda spec, p, ctx: IntegerLAGC(spec.path, p, ctx.hw, ctx.tanh_lut),
     fields=LAGC_FIELDS, integer_step=lambda module: module.out_scale, report_kind="lagc",
     weight_field="affine_weight", convolved=lambda spec: (spec.out_channels, (1, 1)),
-    # C^2 affine weights plus 2C for the gain and output products
-    geometry=topology.KindGeometry(macs=lambda spec: spec.in_channels * spec.out_channels + 2 * spec.out_channels)))
+    geometry=topology.GEOMETRY[topology.LAGC]))
 register(LayerKind(
     topology.LEAKY, qat=lambda spec, hw, sp: QLeakyReLU(), integer=lambda spec, p, ctx: fxp.leaky_relu,
     fields={}, integer_step=lambda module: module.in_scale))
@@ -205,6 +193,6 @@ register(LayerKind(
 register(LayerKind(
     topology.PAD, qat=lambda spec, hw, sp: nn.ZeroPad2d(spec.pad),
     integer=lambda spec, p, ctx: lambda q: F.pad(q, spec.pad), fields={},
-    geometry=topology.KindGeometry(lambda spec, h, w: (h + spec.pad[2] + spec.pad[3], w + spec.pad[0] + spec.pad[1]))))
+    geometry=topology.GEOMETRY[topology.PAD]))
 register(LayerKind(  # the context model's padding slot (rows arrive padded)
     topology.SLOT, qat=lambda spec, hw, sp: nn.Identity(), integer=lambda spec, p, ctx: lambda q: q, fields={}))

@@ -188,8 +188,8 @@ def strided_positions(spec: LayerSpec, height: int, width: int) -> tuple[int, in
 class KindGeometry:
     """What a kind of layer does to its input's size and what one output position costs.
 
-    Part of a layer kind's entry in :mod:`streamlic.kinds`, whose ``register`` puts it in
-    :data:`GEOMETRY`, where the functions below (which need no torch) read it.
+    The network table's kinds have theirs in :data:`GEOMETRY`, where the functions below (which
+    need no torch) read it; a new kind brings its own with its :mod:`streamlic.kinds` entry.
     """
 
     positions: Callable[[LayerSpec, int, int], tuple[int, int]] = same_size  # output positions it computes
@@ -197,7 +197,29 @@ class KindGeometry:
     macs: Callable[[LayerSpec], int] | None = None  # dense MACs of one output position (None: no weights)
 
 
-GEOMETRY: dict[str, KindGeometry] = {}  # by kind, filled by streamlic.kinds.register
+def _weights_per_position(spec: LayerSpec) -> int:
+    """A convolution's MACs per output position: its weights."""
+    (kh, kw) = spec.kernel
+    return spec.out_channels * spec.in_channels * kh * kw
+
+
+_CONV_GEOMETRY = KindGeometry(strided_positions, macs=_weights_per_position)
+
+# By kind: the network table's own kinds here (torch-free, usable before any model is built);
+# streamlic.kinds.register adds a new kind's entry.
+GEOMETRY: dict[str, KindGeometry] = {
+    CONV: _CONV_GEOMETRY,
+    SPARSE: _CONV_GEOMETRY,
+    # the 2x2 convolution runs on the input padded by 1, at (h+1) x (w+1) positions; the shuffle doubles the size
+    UPSAMPLE: KindGeometry(lambda spec, h, w: (h + 1, w + 1), lambda spec, h, w: (2 * h, 2 * w),
+                           lambda spec: 4 * _weights_per_position(spec)),
+    # C^2 affine weights plus 2C for the gain and output products
+    LAGC: KindGeometry(macs=lambda spec: spec.in_channels * spec.out_channels + 2 * spec.out_channels),
+    LEAKY: KindGeometry(),
+    CHANNEL_ADD: KindGeometry(),
+    PAD: KindGeometry(lambda spec, h, w: (h + spec.pad[2] + spec.pad[3], w + spec.pad[0] + spec.pad[1])),
+    SLOT: KindGeometry(),
+}
 
 
 def _geometry(spec: LayerSpec) -> KindGeometry:
