@@ -172,7 +172,7 @@ class StageSchedule(Callback):
         self.plateau: dict[str, Any] = {"stage": None, "best": math.inf, "bad_epochs": 0, "reductions": 0}
         self._max_epochs_shifted = False
         self._writing_stage_checkpoint = False
-        self._reported: list[dict[str, Any]] | None = None  # rows as last logged
+        self._reported: list[dict[str, Any]] = []  # rows as last logged
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -363,7 +363,7 @@ class StageSchedule(Callback):
         """Write stage_report.json and log the rows that changed since the last call (all rows if ``whole``)."""
         if not trainer.is_global_zero:
             return
-        changed = [row for row in self.rows() if not self._reported or row not in self._reported]
+        changed = [row for row in self.rows() if row not in self._reported]
         if changed or whole:
             log.info("stage report (validation set):\n%s", format_report(self.rows() if whole else changed))
         if not changed:
