@@ -163,15 +163,14 @@ def reduce_over_ranks(batch_statistic: Tensor, op: str) -> Tensor:
     """``batch_statistic`` (this rank's share of the global batch) reduced in place over all ranks
     of a running process group: ``"max"`` or ``"mean"`` (ranks hold equal batch sizes).
 
-    Running statistics (activation ranges, sparse-layer input moments) are updated on every rank
-    with these same numbers, so they stay identical on every rank. Why: under DDP each rank used to
-    update them from its own crops (Lightning's manual optimization leaves DDP's buffer broadcast
-    off after the first step), and the checkpoint, written by rank 0, holds rank 0's statistics
-    only, so a run resumed in stage 1 or 2 gave the other ranks rank 0's statistics, and the masks
-    and frozen scales computed from them at the next transition differed from the uninterrupted
-    run's. Reduced each step, they are the statistics of the global batch on every rank, and the
-    masks and scales are well defined for any number of ranks. Training-mode forwards only: every
-    rank runs the same number of those.
+    Running statistics (activation ranges, sparse-layer input moments) are updated with these same
+    numbers on every rank, so they stay identical there: those of the global batch, and the masks
+    and frozen scales computed from them are well defined for any number of ranks. Why: each rank
+    used to update them from its own crops (DDP broadcasts buffers before the first step only:
+    under Lightning's manual optimization its forward-time sync is off from the second step), and
+    the checkpoint, written by rank 0, holds rank 0's, so a run resumed in stage 1 or 2 gave every
+    rank rank 0's statistics and cut other masks and froze other scales than the uninterrupted run.
+    Training-mode forwards only: every rank runs the same number of those.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return batch_statistic
