@@ -33,7 +33,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from streamlic.config import ConfigError
-from streamlic.distributed import average_sparse_statistics, max_activation_ranges
 from streamlic.model import StreamLIC
 from streamlic.stage import STAGES
 
@@ -308,11 +307,6 @@ class StageSchedule(Callback):
         """Apply one stage's transition (docs/stages.md); every call is idempotent."""
         log.info("%sentering stage %d (%s)", "" if epoch is None else f"schedule epoch {epoch}: ",
                  STAGES.index(stage) + 1, stage)
-        # ranks must agree on what the masks and frozen scales are computed from
-        if stage == "mask" and not model.masks_set and average_sparse_statistics(model):
-            log.info("sparse-layer input statistics averaged over all ranks before the masks are cut")
-        if stage == "qat" and not model.scales_frozen and max_activation_ranges(model):
-            log.info("activation ranges max-reduced over all ranks before the scales freeze")
         model.enter_stage(stage)
 
     def finish_stage(self, trainer: L.Trainer, pl_module: L.LightningModule, index: int, epoch: int) -> None:

@@ -200,11 +200,13 @@ def test_patches_two_ranks_share_out_the_store_and_resume_exactly(demo_store, tm
         seen_by_epoch.append(seen[0])
     assert seen_by_epoch[0] != seen_by_epoch[1]  # reshuffled every epoch
 
-    # killed in the last epoch: each rank's statistics of the epochs before were reduced at the stage
-    # transitions, the ones gathered since are not in a checkpoint (rank 0 writes it) and not used again
+    # killed in stage 1, while every rank gathers the running statistics that rank 0's checkpoint must
+    # carry for both, resumed, killed again in the last epoch and resumed
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     run_killed_mid_epoch(tmp_path / "run", [*run, *probe("probe-resumed")], steps_per_epoch=3, timeout=500,
-                         after_epochs=4)
-    resumed = run_script([f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"], timeout=600)
+                         after_epochs=0)
+    run_killed_mid_epoch(tmp_path / "run", [f"ckpt_path={last}"], steps_per_epoch=3, timeout=500, after_epochs=4)
+    resumed = run_script([f"ckpt_path={last}"], timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for after_resume, whole_run in zip(batches("probe-resumed"), ranks):  # each rank continues its own share
         assert 0 < len(after_resume) < 3 and after_resume == whole_run[-len(after_resume):]

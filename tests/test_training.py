@@ -346,6 +346,11 @@ def test_ddp_two_cpu_processes_agree_on_masks_and_stage(tmp_path):
     assert len(masks) == 3 and all(torch.equal(end0[k], end1[k]) for k in masks)
     differ = [k for k in end0 if not torch.equal(end0[k], end1[k])]
     assert not differ, f"ranks differ in {differ[:5]}"  # weights, statistics, scales and tables
+    # at every epoch start too: the running statistics are reduced over the ranks in every step, so the
+    # checkpoint rank 0 writes holds every rank's state
+    for (epoch, _, state0), (_, _, state1) in zip(ranks[0]["epochs"], ranks[1]["epochs"]):
+        differ = [k for k in state0 if not torch.equal(state0[k], state1[k])]
+        assert not differ, f"epoch {epoch}: ranks differ in {differ[:5]}"
     # DDP leaves the frozen encoder alone in stage 4 (its gradients stay None on every rank)
     fix_start = next(t for _, s, t in ranks[0]["epochs"] if s == "fix_encoder")
     pdf_start = next(t for _, s, t in ranks[0]["epochs"] if s == "pdf")

@@ -65,14 +65,17 @@ class RateDistortionMetrics(nn.Module):
         self.ms_ssim = MeanMetric(**sync)
         self.clamped_symbols = SumMetric(**sync)
 
-    def forward(self, loss: Tensor, bpp: Tensor, x_hat: Tensor, x: Tensor, clamped: Tensor) -> None:
-        """Accumulate one batch (through each metric's forward, so per-step values can be logged)."""
+    def forward(self, loss: Tensor, bpp: Tensor, x_hat: Tensor, x: Tensor, clamped: Tensor,
+                with_ms_ssim: bool = True) -> None:
+        """Accumulate one batch (through each metric's forward, so per-step values can be logged);
+        ``with_ms_ssim=False`` leaves the batch out of MS-SSIM."""
         batch = x.shape[0]
         x_hat = x_hat.detach().clamp(0.0, 1.0)
         self.loss(loss.detach(), weight=batch)
         self.bpp(bpp.detach(), weight=batch)
         self.psnr(x_hat, x)
-        self.ms_ssim(ms_ssim(x_hat.float(), x.float()))
+        if with_ms_ssim:
+            self.ms_ssim(ms_ssim(x_hat.float(), x.float()))
         self.clamped_symbols(clamped)
 
     def items(self) -> dict[str, Any]:
@@ -269,8 +272,13 @@ class StreamLICModule(L.LightningModule):
         aux_optimizer.optimizer.step()
 
         metrics = self.train_metrics
-        metrics(loss, terms["bpp"], out["x_hat"], x, clamped)
-        self.log_dict({f"train/{name}": metric for name, metric in metrics.items().items() if name != "loss"},
+        # A batch's MS-SSIM (5 scales of 11x11 Gaussian windows) costs about three times the tiny model's
+        # whole training step on a CPU core (BENCHMARKS.md, bench/loader.py): it is measured on the steps
+        # Lightning logs (every trainer.log_every_n_steps), and train/ms_ssim's epoch value is their mean.
+        measure_ms_ssim = self.trainer._logger_connector.should_update_logs
+        metrics(loss, terms["bpp"], out["x_hat"], x, clamped, with_ms_ssim=measure_ms_ssim)
+        self.log_dict({f"train/{name}": metric for name, metric in metrics.items().items()
+                       if name != "loss" and (name != "ms_ssim" or measure_ms_ssim)},
                       on_step=True, on_epoch=True, batch_size=x.shape[0])
         self.log("train/loss", metrics.loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         extras = {"train/mse": terms["mse"], "train/aux_loss": aux_loss.detach(),

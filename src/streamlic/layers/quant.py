@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import fixedpoint as fxp
@@ -157,6 +158,30 @@ def running_max_update(absmax: Tensor, momentum: Tensor, batch_max: Tensor) -> t
     return torch.where(first, batch_max, torch.where(batch_max < absmax, ema, pulled)), momentum
 
 
+@torch.no_grad()
+def reduce_over_ranks(batch_statistic: Tensor, op: str) -> Tensor:
+    """``batch_statistic`` (this rank's share of the global batch) reduced in place over all ranks
+    of a running process group: ``"max"`` or ``"mean"`` (ranks hold equal batch sizes).
+
+    Running statistics (activation ranges, sparse-layer input moments) are updated with these same
+    numbers on every rank, so they stay identical there: those of the global batch, and the masks
+    and frozen scales computed from them are well defined for any number of ranks. Why: each rank
+    used to update them from its own crops (DDP broadcasts buffers before the first step only:
+    under Lightning's manual optimization its forward-time sync is off from the second step), and
+    the checkpoint, written by rank 0, holds rank 0's, so a run resumed in stage 1 or 2 gave every
+    rank rank 0's statistics and cut other masks and froze other scales than the uninterrupted run.
+    Training-mode forwards only: every rank runs the same number of those.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return batch_statistic
+    if op == "max":
+        dist.all_reduce(batch_statistic, op=dist.ReduceOp.MAX)
+    else:
+        dist.all_reduce(batch_statistic, op=dist.ReduceOp.SUM)
+        batch_statistic.div_(dist.get_world_size())
+    return batch_statistic
+
+
 class RangeTracker:
     """Collects the outputs of many layers during a forward and updates their running maxima in
     one vectorised step at its end: one ``max |out|`` reduction for all of them and a dozen ops
@@ -175,6 +200,7 @@ class RangeTracker:
             return
         layers = [layer for layer, _ in self.pending]
         batch_max = torch.stack(torch._foreach_norm([out for _, out in self.pending], float("inf")))
+        reduce_over_ranks(batch_max, "max")  # one collective for every layer's range
         self.pending.clear()
         absmax, momentum = running_max_update(torch.stack([layer.act_absmax for layer in layers]),
                                               torch.stack([layer.act_momentum for layer in layers]),
@@ -253,7 +279,7 @@ class QuantLayer(nn.Module):
         if self.range_tracker is not None:  # without autograd, only the maximum is kept (calibration)
             self.range_tracker.pending.append((self, batch_max))
             return
-        absmax, momentum = running_max_update(self.act_absmax, self.act_momentum, batch_max)
+        absmax, momentum = running_max_update(self.act_absmax, self.act_momentum, reduce_over_ranks(batch_max, "max"))
         self.act_absmax.copy_(absmax)
         self.act_momentum.copy_(momentum)
 

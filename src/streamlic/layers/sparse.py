@@ -9,7 +9,7 @@ from .. import fixedpoint as fxp
 from .. import topology
 from ..config import HardwareConfig
 from .conv import QConv2d
-from .quant import MOMENTUM_END, STATS_MOMENTUM_GROWTH, STATS_MOMENTUM_START, per_channel
+from .quant import MOMENTUM_END, STATS_MOMENTUM_GROWTH, STATS_MOMENTUM_START, per_channel, reduce_over_ranks
 
 
 class FGPConv2d(QConv2d):
@@ -64,8 +64,10 @@ class FGPConv2d(QConv2d):
     def record_stats(self, x: Tensor) -> None:
         momentum = self.stats_momentum.mul_(STATS_MOMENTUM_GROWTH).clamp_(0.0, MOMENTUM_END)
         x = x.detach()
+        # the global batch's moments on every rank (reduce_over_ranks says why)
+        moments = reduce_over_ranks(torch.stack([x.mean(dim=(0, 2, 3)), x.square().mean(dim=(0, 2, 3))]), "mean")
         # both EMAs in the same elementwise steps, each step on the pair at once
-        stats = torch._foreach_mul([x.mean(dim=(0, 2, 3)), x.square().mean(dim=(0, 2, 3))], 1 - momentum)
+        stats = torch._foreach_mul(list(moments.unbind()), 1 - momentum)
         torch._foreach_mul_([self.in_mean, self.in_sqmean], momentum)
         torch._foreach_add_([self.in_mean, self.in_sqmean], stats)
 
