@@ -273,9 +273,10 @@ class StreamLICModule(L.LightningModule):
 
         metrics = self.train_metrics
         # A batch's MS-SSIM (5 scales of 11x11 Gaussian windows) costs about three times the tiny model's
-        # whole training step on a CPU core (BENCHMARKS.md, bench/loader.py): it is measured on the steps
-        # Lightning logs (every trainer.log_every_n_steps), and train/ms_ssim's epoch value is their mean.
-        measure_ms_ssim = self.trainer._logger_connector.should_update_logs
+        # whole training step on a CPU core (BENCHMARKS.md, bench/loader.py): it is measured on every
+        # trainer.log_every_n_steps-th batch of an epoch, its first included, and train/ms_ssim's epoch
+        # value is their mean (so every epoch has one).
+        measure_ms_ssim = batch_idx % self.trainer.log_every_n_steps == 0
         metrics(loss, terms["bpp"], out["x_hat"], x, clamped, with_ms_ssim=measure_ms_ssim)
         self.log_dict({f"train/{name}": metric for name, metric in metrics.items().items()
                        if name != "loss" and (name != "ms_ssim" or measure_ms_ssim)},
