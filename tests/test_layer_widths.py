@@ -173,3 +173,16 @@ def test_an_export_refuses_a_context_engine_of_mixed_widths_in_one_line(tmp_path
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [f"ERROR {message}"], done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_codec_codes_a_mixed_model_exactly():
+    from streamlic.codec import StreamCodec
+
+    model = tiny_model("mixed", "pdf")
+    encoder, decoder = StreamCodec(IntegerModel.from_model(model)), StreamCodec(IntegerModel.from_model(model))
+    name, x = sample_photos()[1]
+    encoded = encoder.encode(x[0])
+    decoded = decoder.decode(encoded.data, name)
+    expected = decoder.engine.synthesis(encoded.code.y_hat_q)[0, :, :x.shape[2], :x.shape[3]]
+    assert torch.equal(decoded, expected)
+    assert torch.equal(decoder.read_latents(encoded.data, name)[1].symbols, encoded.code.symbols)
