@@ -93,10 +93,11 @@ class HardwareConfig:
         object.__setattr__(self, "_sources", {})  # the config key each layer's width comes from
         object.__setattr__(self, "_widths", self._resolve_widths())
         object.__setattr__(self, "_layer_configs", {})  # for_layer's configs, by (A, W, P)
-        object.__setattr__(self, "_hash", hash(repr(self.to_dict())))
+        # what the hash is computed from (in the hashing process: a pickled str hash would be another process's)
+        object.__setattr__(self, "_hash_key", repr(self.to_dict()))
 
     def __hash__(self) -> int:  # the dataclass's own hash fails on the ``layers`` mapping
-        return self._hash
+        return hash(self._hash_key)
 
     # ------------------------------------------------------------------ per-layer widths
     def _resolve_widths(self) -> dict[str, tuple[int, int, int]]:
