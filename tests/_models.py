@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from streamlic import W8A8, W12A12, StreamLIC
+from streamlic.config import HardwareConfig
 from streamlic.images import demo_images
 from streamlic.metrics import rate_distortion
 from streamlic.stage import STAGES
@@ -25,7 +26,15 @@ TINY_MODEL = dict(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / 
 TINY_SPARSITY = {"density": 0.5}
 LATENT_GAIN = 100.0
 HYPER_GAIN = 8.0
-HARDWARE = {"w12a12": W12A12, "w8a8": W8A8}
+# per-layer widths (docs/fixed-point.md, "Per-layer widths"): the transforms at 8 bits beside a 12-bit entropy
+# path and latent grid; and the entropy path (so the latent grid) at 8 bits beside 12-bit transforms
+MIXED = HardwareConfig(layers={"g_a": {"activation_bits": 8, "weight_bits": 8},
+                               "g_s": {"activation_bits": 8, "weight_bits": 8}})
+ENTROPY_AT_8 = HardwareConfig(layers={"entropy_parameters": {"activation_bits": 8, "weight_bits": 8}})
+# the row engine (and so the latent grid) at 10 bits, the transforms at the global 12
+ENGINE_AT_10 = HardwareConfig(layers={"context_prediction": {"activation_bits": 10},
+                                      "entropy_parameters": {"activation_bits": 10}})
+HARDWARE = {"w12a12": W12A12, "w8a8": W8A8, "mixed": MIXED, "entropy8": ENTROPY_AT_8, "engine10": ENGINE_AT_10}
 STAGE_ORDER = STAGES
 LAMBDA = 0.01  # rate-distortion trade-off of the test training loss (MSE on [0, 255] pixels)
 CROP = 64

@@ -1,4 +1,4 @@
-"""The integer reference model against the QAT model, on real photos, for w12a12 and w8a8."""
+"""The integer reference model against the QAT model, on real photos, for w12a12, w8a8 and per-layer widths."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from streamlic.params import StageError
 from streamlic.topology import pad_to_multiple
 from streamlic.layers import LAGC, QConv2d
 
-HARDWARE = ("w12a12", "w8a8")
+HARDWARE = ("w12a12", "w8a8", "mixed")  # mixed: g_a and g_s at 8 bits, the rest at 12
 INTEGER_STAGES = ("qat", "pdf")  # right after QAT, and after stage 5 (PDF tables)
 
 

@@ -89,6 +89,19 @@ def test_a_checkpoint_config_mismatch_is_one_error_line(hardware_runs, tmp_path,
     (["init_from=missing.ckpt"], "ERROR init_from=missing.ckpt: no such checkpoint file"),
     (["init_from={readme}"], "ERROR init_from={readme}: not a checkpoint (neither a torch zip archive nor a pickle)"),
     (["init_from={state}"], "ERROR init_from={state}: not a StreamLIC checkpoint (no model stage state in it)"),
+    # per-layer widths (the nested keys Hydra makes of a layer path), checked before torch is imported
+    (["+hardware.layers.g_x.weight_bits=8"], "ERROR hardware.layers.g_x: no such sub-network or weighted layer "
+     "(sub-networks g_a, h_a, h_s, g_s, context_prediction, entropy_parameters; layers such as g_a.0, h_s.2, "
+     "context_prediction.1)"),
+    (["+hardware.layers.g_a.0.activation_bits=7"],
+     "ERROR hardware.layers.g_a.0.activation_bits=7: must lie in [8, 15] (8-bit symbols need A >= 8)"),
+    (["+hardware.layers.g_s.activation_bits=10", "+hardware.layers.g_s.precision_bits=11"],
+     "ERROR hardware.layers.g_s.precision_bits=11: must be at least activation_bits + 2 = 12"),
+    (["+hardware.layers.h_s.2.activation_bits=8"],
+     "ERROR hardware.layers.h_s.2.activation_bits=8: h_s.2 writes the latent grid, whose width is 12 "
+     "(hardware.latent_bits, else the width of entropy_parameters.2); set hardware.latent_bits instead"),
+    (["+hardware.layers.g_a.act_bits=8"], "ERROR hardware.layers.g_a.act_bits=8: not a width key of a layer or "
+     "sub-network (hardware.layers.<sub-network or layer path>.<activation_bits | weight_bits | precision_bits>)"),
 ])
 def test_a_command_line_mistake_is_one_error_line_and_leaves_nothing(tmp_path, overrides, error):
     files = tmp_path / "files"
@@ -120,3 +133,46 @@ def test_the_readme_hardware_sweep_from_one_stage2_checkpoint(hardware_runs, tmp
     for job, hw in enumerate(("w12a12", "w12a12", "w8a8", "w8a8")):
         results = json.loads((sweep / str(job) / "results.json").read_text())
         assert results["hardware"] == hw and results["stage_report"][0]["stage"] == "qat"
+
+
+@pytest.mark.slow
+def test_init_from_a_float_checkpoint_trains_per_layer_widths_that_the_qat_checkpoint_then_fixes(hardware_runs,
+                                                                                                  tmp_path):
+    stage2 = hardware_runs / "w12a12" / "checkpoints" / STAGE_CHECKPOINT_NAMES["mask"]
+    out = tmp_path / "mixed"
+    done = run_script([*NOT_FROM_CHECKPOINT, *schedule(), f"init_from={stage2}", "+hardware.layers.g_s.weight_bits=8",
+                       "+hardware.layers.g_a.0.activation_bits=10", "trainer.max_epochs=3",
+                       "trainer.limit_train_batches=2", f"hydra.run.dir={out}"], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["stage"] == "qat"
+    qat = out / "checkpoints" / STAGE_CHECKPOINT_NAMES["qat"]
+    model = StreamLIC.from_checkpoint(qat)
+    assert model.hw.layers == {"g_a.0": {"activation_bits": 10}, "g_s": {"weight_bits": 8}}
+    assert (model.g_a[0].hw.activation_bits, model.g_s[0].hw.weight_bits, model.g_a[2].hw.weight_bits) == (10, 8, 12)
+    # from QAT on the widths are the checkpoint's: another per-layer width is one error line
+    later = tmp_path / "later"
+    later.mkdir()
+    done = run_script([f"init_from={qat}", "+hardware.layers.g_s.weight_bits=10"], timeout=120, cwd=later)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"ERROR hardware.layers={{'g_s': {{'weight_bits': 10}}}}: init_from={qat} has hardware.layers="
+        "{'g_a.0': {'activation_bits': 10}, 'g_s': {'weight_bits': 8}}, fixed by its stage (qat); a different bit "
+        "width starts from a checkpoint before QAT (stage1-aun.ckpt or stage2-mask.ckpt)"], done.stderr
+
+
+@pytest.mark.slow
+def test_a_context_engine_of_mixed_widths_trains_and_its_export_is_one_error_line(hardware_runs, tmp_path):
+    stage2 = hardware_runs / "w12a12" / "checkpoints" / STAGE_CHECKPOINT_NAMES["mask"]
+    out = tmp_path / "run"
+    done = run_script([*NOT_FROM_CHECKPOINT, *schedule(), f"init_from={stage2}", "export=true", "test=false",
+                       "+hardware.layers.entropy_parameters.activation_bits=8", "trainer.max_epochs=3",
+                       "trainer.limit_train_batches=2", f"hydra.run.dir={out}"], timeout=300)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "ERROR run failed: export: the context engine runs on one width, but its layers differ: "
+        "context_prediction.1 A=12 W=12 P=16"), done.stderr[-3000:]
+    assert "entropy_parameters.2 A=8" in errors[0]
+    results = json.loads((out / "results.json").read_text())
+    assert (results["stage"], results["status"]) == ("qat", "failed: export")
+    assert (out / "checkpoints" / STAGE_CHECKPOINT_NAMES["qat"]).is_file()  # what trained is kept

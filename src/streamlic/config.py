@@ -9,11 +9,50 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Collection, Mapping
 
-from .topology import CTX1, CTX2, EP, SPARSE_LAYERS
+from . import topology
+from .topology import CTX1, CTX2, EP, SPARSE_LAYERS, SUBNETWORKS
 
 
 class ConfigError(ValueError):
     """A configuration value breaks a model or hardware constraint."""
+
+
+WIDTH_KEYS = ("activation_bits", "weight_bits", "precision_bits")  # what hardware.layers.<key> may set
+# the per-layer keys of HardwareConfig and their defaults: a config that leaves them so is a uniform one,
+# whose dict (and so the model hash, the manifest and a checkpoint's config) is that of before they existed
+PER_LAYER_DEFAULTS: dict[str, Any] = {"layers": {}, "latent_bits": None}
+PDF_INDEX_PATH = "entropy_parameters.2"  # the layer whose output grid is the latent grid (when latent_bits is unset)
+
+
+def canonical_layers(layers: Any) -> dict[str, dict[str, int]]:
+    """``hardware.layers`` as flat path keys, sorted: ``{"g_a": {...}, "g_a.0": {"weight_bits": 8}}``.
+
+    Accepts the nested form Hydra makes of ``+hardware.layers.g_a.0.weight_bits=8``
+    (``{"g_a": {"0": {"weight_bits": 8}}}``), flat path keys, and mixtures of both.
+    """
+    flat: dict[str, dict[str, int]] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        for key, value in dict(node).items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, Mapping):
+                walk(name, value)
+            elif str(key) in WIDTH_KEYS and prefix:
+                if flat.get(prefix, {}).get(str(key), value) != value:
+                    raise ConfigError(f"hardware.layers.{name}: given twice, as {flat[prefix][str(key)]} and {value}")
+                flat.setdefault(prefix, {})[str(key)] = value
+            else:
+                raise ConfigError(f"hardware.layers.{name}={value!r}: not a width key of a layer or sub-network "
+                                  f"(hardware.layers.<sub-network or layer path>.<{' | '.join(WIDTH_KEYS)}>)")
+
+    walk("", layers or {})
+    return {path: dict(sorted(flat[path].items())) for path in sorted(flat)}
+
+
+def _layer_paths() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The weighted layers' paths (the same for every size) and those of them that write the latent grid."""
+    specs = [spec for spec in topology.layers(ModelConfig()) if spec.weighted]
+    return tuple(spec.path for spec in specs), tuple(spec.path for spec in specs if spec.fixed_scale)
 
 
 @dataclass(frozen=True)
@@ -34,17 +73,12 @@ class HardwareConfig:
     multiplier_bits: int = 16
     shift_bits: int = 6
     name: str = "w12a12"
+    layers: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    latent_bits: int | None = None
 
     def __post_init__(self) -> None:
         a, w, p = self.activation_bits, self.weight_bits, self.precision_bits
-        if not 8 <= a <= 15:
-            raise ConfigError(f"hardware.activation_bits={a}: must lie in [8, 15] (8-bit symbols need A >= 8)")
-        if not 2 <= w <= 16:
-            raise ConfigError(f"hardware.weight_bits={w}: must lie in [2, 16]")
-        if p < a + 2:
-            raise ConfigError(f"hardware.precision_bits={p}: must be at least activation_bits + 2 = {a + 2}")
-        if p > 31:
-            raise ConfigError(f"hardware.precision_bits={p}: must be at most 31")
+        _check_widths(a, w, p, {key: f"hardware.{key}" for key in WIDTH_KEYS})
         if not 2 <= self.multiplier_bits <= 24:
             raise ConfigError(f"hardware.multiplier_bits={self.multiplier_bits}: must lie in [2, 24]")
         if not 1 <= self.shift_bits <= 6:
@@ -55,6 +89,98 @@ class HardwareConfig:
             raise ConfigError(
                 f"hardware.accumulator_bits={self.accumulator_bits}: must lie in [A + W, 62] = [{a + w}, 62]"
             )
+        object.__setattr__(self, "layers", canonical_layers(self.layers))
+        object.__setattr__(self, "_sources", {})  # the config key each layer's width comes from
+        object.__setattr__(self, "_widths", self._resolve_widths())
+        object.__setattr__(self, "_layer_configs", {})  # for_layer's configs, by (A, W, P)
+        # what the hash is computed from (in the hashing process: a pickled str hash would be another process's)
+        object.__setattr__(self, "_hash_key", repr(self.to_dict()))
+
+    def __hash__(self) -> int:  # the dataclass's own hash fails on the ``layers`` mapping
+        return hash(self._hash_key)
+
+    # ------------------------------------------------------------------ per-layer widths
+    def _resolve_widths(self) -> dict[str, tuple[int, int, int]]:
+        """(A, W, P) of every weighted layer and sub-network (empty for a config without per-layer keys), each
+        width checked under the key it came from (kept in ``_sources``)."""
+        if self.latent_bits is None and not self.layers:
+            return {}
+        paths, writers = _layer_paths()
+        for key in self.layers:
+            if key not in SUBNETWORKS and key not in paths:
+                raise ConfigError(f"hardware.layers.{key}: no such sub-network or weighted layer (sub-networks "
+                                  f"{', '.join(SUBNETWORKS)}; layers such as g_a.0, h_s.2, context_prediction.1)")
+        if self.latent_bits is not None:
+            _check_widths(self.latent_bits, None, None, {"activation_bits": "hardware.latent_bits"})
+        latent, latent_key = ((self.latent_bits, "hardware.latent_bits") if self.latent_bits is not None
+                              else self._picked(PDF_INDEX_PATH, "activation_bits"))
+        widths = {}
+        for path in (*SUBNETWORKS, *paths):
+            (a, a_key), (w, w_key) = self._picked(path, "activation_bits"), self._picked(path, "weight_bits")
+            p, p_key = self._picked(path, "precision_bits", default=a + self.residual_bits)
+            if path in writers:
+                own = self.layers.get(path, {})
+                if own.get("activation_bits", latent) != latent:
+                    raise ConfigError(f"hardware.layers.{path}.activation_bits={own['activation_bits']}: {path} "
+                                      f"writes the latent grid, whose width is {latent} (hardware.latent_bits, else "
+                                      f"the width of {PDF_INDEX_PATH}); set hardware.latent_bits instead")
+                p = p if "precision_bits" in own else latent + p - a
+                a, a_key = latent, a_key if "activation_bits" in own else latent_key
+            keys = {"activation_bits": a_key, "weight_bits": w_key, "precision_bits": p_key or a_key}
+            _check_widths(a, w, p, keys)
+            widths[path] = (a, w, p)
+            self._sources[path] = keys
+        return widths
+
+    def _picked(self, path: str, key: str, default: int | None = None) -> tuple[int, str | None]:
+        """The value of ``key`` for ``path`` (layer path > sub-network > global) and the full key it came from."""
+        for where in (path, path.split(".")[0]):
+            if key in self.layers.get(where, {}):
+                return self.layers[where][key], f"hardware.layers.{where}.{key}"
+        if default is not None:
+            return default, None
+        return getattr(self, key), f"hardware.{key}"
+
+    @property
+    def uniform(self) -> bool:
+        """One width for every layer (and a latent grid at the activation width): the datapath of one config."""
+        return not self.layers and self.latent_width == self.activation_bits
+
+    @property
+    def latent_width(self) -> int:
+        """L: the width of the latent grid (y, mu, y_hat, the hyper-latent, the hyper and context outputs)."""
+        if self.latent_bits is not None:
+            return self.latent_bits
+        return self._widths[PDF_INDEX_PATH][0] if self._widths else self.activation_bits
+
+    def for_layer(self, path: str) -> HardwareConfig:
+        """The datapath of one layer (or sub-network): its own A, W, P and the network's latent width, no ``layers``.
+
+        A path outside the weighted layers (a LeakyReLU, the channel addition) takes its sub-network's widths.
+        """
+        if not self._widths:
+            return self
+        a, w, p = self._widths.get(path) or self._widths[path.split(".")[0]]
+        key = (a, w, p)
+        if key not in self._layer_configs:
+            self._layer_configs[key] = HardwareConfig(**{
+                **self.to_dict(), "activation_bits": a, "weight_bits": w, "precision_bits": p, "layers": {},
+                "latent_bits": None if self.latent_width == a else self.latent_width})
+        return self._layer_configs[key]
+
+    def width_keys(self, path: str) -> dict[str, str]:
+        """The config key each of a layer's widths comes from (``hardware.layers.g_a.weight_bits`` ...)."""
+        return self._sources.get(path) or self._sources.get(path.split(".")[0]) or {
+            key: f"hardware.{key}" for key in WIDTH_KEYS}
+
+    @property
+    def latent_hw(self) -> HardwareConfig:
+        """The datapath of the latent grid: the symbols, mu and y_hat are formed and clamped at its width."""
+        return self.for_layer(PDF_INDEX_PATH)
+
+    def layer_widths(self, paths: Collection[str]) -> dict[str, dict[str, int]]:
+        """``{path: {"activation_bits": A, "weight_bits": W, "precision_bits": P}}`` of each path."""
+        return {path: {key: getattr(self.for_layer(path), key) for key in WIDTH_KEYS} for path in paths}
 
     @property
     def residual_bits(self) -> int:
@@ -83,8 +209,8 @@ class HardwareConfig:
 
     @property
     def latent_shift(self) -> int:
-        """log2 of the latent/hyper/context fixed scale's inverse (4 at A = 12)."""
-        return self.activation_bits - 8
+        """log2 of the latent/hyper/context fixed scale's inverse: L - 8 (4 at L = 12)."""
+        return self.latent_width - 8
 
     @property
     def latent_scale(self) -> float:
@@ -104,7 +230,24 @@ class HardwareConfig:
         return 2 ** (min(self.activation_bits, 9) - 1) - 1
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The config's values; the per-layer keys only where set (a uniform config's dict is as it always was)."""
+        values = asdict(self)
+        return {key: value for key, value in values.items() if PER_LAYER_DEFAULTS.get(key, ...) != value}
+
+
+def _check_widths(a: int, w: int | None, p: int | None, keys: Mapping[str, str]) -> None:
+    """A, W and P of one datapath (a layer's or the global one), each error naming the key it came from."""
+    for key, value in zip(WIDTH_KEYS, (a, w, p)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{keys[key]}={value!r}: must be an integer")
+    if not 8 <= a <= 15:
+        raise ConfigError(f"{keys['activation_bits']}={a}: must lie in [8, 15] (8-bit symbols need A >= 8)")
+    if w is not None and not 2 <= w <= 16:
+        raise ConfigError(f"{keys['weight_bits']}={w}: must lie in [2, 16]")
+    if p is not None and p < a + 2:
+        raise ConfigError(f"{keys['precision_bits']}={p}: must be at least activation_bits + 2 = {a + 2}")
+    if p is not None and p > 31:
+        raise ConfigError(f"{keys['precision_bits']}={p}: must be at most 31")
 
 
 @dataclass(frozen=True)
@@ -136,13 +279,23 @@ class ModelConfig:
                     f"model.M={self.M}: {key}={channels} must be a multiple of "
                     f"hardware.block_in={hw.block_in} and hardware.block_out={hw.block_out}"
                 )
-        # 4x4 analysis convolutions read c3 (g_a) and M (h_a) channels: the widest fan-in of the network
-        fan_in = 16 * max(self.c3, self.M)
-        worst = fan_in * hw.weight_max * hw.act_max
-        if worst.bit_length() + 1 > hw.accumulator_bits:
-            raise ConfigError(
-                f"hardware.accumulator_bits={hw.accumulator_bits}: a 4x4 convolution over "
-                f"{max(self.c3, self.M)} channels can sum to {worst} (needs {worst.bit_length() + 1} bits)")
+        if hw.uniform:
+            # 4x4 analysis convolutions read c3 (g_a) and M (h_a) channels: the widest fan-in of the network
+            fan_in = 16 * max(self.c3, self.M)
+            worst = fan_in * hw.weight_max * hw.act_max
+            if worst.bit_length() + 1 > hw.accumulator_bits:
+                raise ConfigError(
+                    f"hardware.accumulator_bits={hw.accumulator_bits}: a 4x4 convolution over "
+                    f"{max(self.c3, self.M)} channels can sum to {worst} (needs {worst.bit_length() + 1} bits)")
+            return
+        for spec in topology.layers(self):  # per layer: its fan-in, its weights and the width its producer writes
+            if spec.weighted:
+                kh, kw = spec.kernel
+                worst = spec.in_channels * kh * kw * hw.for_layer(spec.path).weight_max * topology.input_bound(spec, hw)
+                if worst.bit_length() + 1 > hw.accumulator_bits:
+                    raise ConfigError(
+                        f"hardware.accumulator_bits={hw.accumulator_bits}: {spec.path} ({spec.in_channels} channels, "
+                        f"{kh}x{kw} taps, at its widths) can sum to {worst} (needs {worst.bit_length() + 1} bits)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -238,6 +391,8 @@ def checkpoint_fixed(saved: Mapping[str, Any], prepared: Collection[str]) -> dic
     """
     fixed = {f"model.{key}": value for key, value in (saved.get("model") or {}).items()}
     hardware = saved.get("hardware") or {}
+    if "scales" in prepared:  # a uniform checkpoint fixes its per-layer keys too: none
+        hardware = {**hardware, **{key: value for key, value in PER_LAYER_DEFAULTS.items() if key not in hardware}}
     keys = list(hardware) if "scales" in prepared else FLOAT_CHECKPOINT_HARDWARE_KEYS
     fixed.update({f"hardware.{key}": hardware[key] for key in keys if key in hardware})
     if "masks" in prepared:

@@ -113,11 +113,11 @@ class IntegerUpsampleConv(IntegerConv):
 class IntegerLAGC:
     """Integer LAGC: affine conv to the tanh input scale, tanh table, per-channel gain, floor-shift product."""
 
-    def __init__(self, name: str, p: dict[str, Tensor], hw: HardwareConfig, tanh_lut: Tensor):
+    def __init__(self, name: str, p: dict[str, Tensor], hw: HardwareConfig, tanh_lut: Tensor, in_bound: int):
         self.name, self.hw, self.tanh_lut = name, hw, tanh_lut
         self.affine = IntegerConv(name + ".affine", {"weight": p["affine_weight"], "bias": p["affine_bias"],
                                                "scale_param": p["affine_scale_param"],
-                                               "scale_shift": p["affine_scale_shift"]}, hw, hw.act_max)
+                                               "scale_shift": p["affine_scale_shift"]}, hw, in_bound)
         self.m_g = per_channel(as_int64(p["score_scale_param"]))
         self.k_g = per_channel(as_int64(p["score_scale_shift"]))
         self.b_g = per_channel(as_int64(p["score_bias"]))

@@ -134,13 +134,15 @@ class IntegerModel:
     def _build_layers(self) -> None:
         """One integer layer per row of the network table (streamlic.kinds); the row engine's layers by their
         short names."""
-        hw = self.hw
         net = topology.network(self.model_cfg)
 
         def build(spec: topology.LayerSpec):
             kind = kinds.kind_of(spec)
             params = self._layer_params(spec.path, tuple(kind.fields)) if kind.fields else {}
-            context = kinds.IntegerContext(hw, self.tanh_lut, topology.input_bound(spec, hw), self.context_engine)
+            hw = self.hw.for_layer(spec.path)  # each layer at its own widths, reading its producer's
+            tanh_lut = self.tanh_lut if hw.activation_bits == self.hw.activation_bits else fxp.tanh_table(hw)
+            context = kinds.IntegerContext(hw, as_int64(tanh_lut), topology.input_bound(spec, self.hw),
+                                           self.context_engine)
             return kinds.build_integer(spec, params, context)
 
         self.chains: dict[str, list[tuple[topology.LayerSpec, Callable[[Tensor], Tensor]]]] = {
@@ -171,7 +173,7 @@ class IntegerModel:
         if height % topology.PAD_MULTIPLE or width % topology.PAD_MULTIPLE:
             raise ValueError(f"image size {height}x{width}: height and width must be multiples of "
                              f"{topology.PAD_MULTIPLE} (pad with streamlic.topology.pad_to_multiple)")
-        return as_int64(fxp.quantize_image(x.detach().cpu().to(torch.float64), self.hw))
+        return as_int64(fxp.quantize_image(x.detach().cpu().to(torch.float64), self.hw.for_layer("g_a.0")))
 
     def _analysis(self, x: Tensor, record: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         q = self.quantize_input(x)
@@ -179,7 +181,7 @@ class IntegerModel:
             record["x"] = q
         y_q = self._chain("g_a", q, record)
         z_q = self._chain("h_a", y_q, record)
-        z_hat = fxp.hyper_symbols(z_q, self.hw)
+        z_hat = fxp.hyper_symbols(z_q, self.hw.latent_hw)
         if record is not None:
             record["z_hat"] = z_hat
         return y_q, z_hat
@@ -203,7 +205,7 @@ class IntegerModel:
         acc = layer.accumulate(x)
         if saturation is not None:
             raw = layer.requantize(acc, clamped=False)
-            act = self.hw.act_max
+            act = layer.hw.act_max
             if short == topology.EP:
                 saturation.add("ep_mean", raw[:, 0::2], -act, act)
                 saturation.add("pdf_index", raw[:, 1::2], 0, fxp.SCALE_INDEX_MAX)
@@ -216,9 +218,10 @@ class IntegerModel:
         ctx1 = self._context_layer(topology.CTX1, prev_rows, saturation)
         ctx1_act = fxp.leaky_relu(ctx1)
         ctx2 = self._context_layer(topology.CTX2, ctx1_act, saturation)
+        summed_hw = self.hw.for_layer(self.row_paths["summed"])  # the entropy path's width
         if saturation is not None:
-            saturation.add("channel_addition", params_row + ctx2, -self.hw.act_max, self.hw.act_max)
-        summed = fxp.channel_add(params_row, ctx2, self.hw)
+            saturation.add("channel_addition", params_row + ctx2, -summed_hw.act_max, summed_hw.act_max)
+        summed = fxp.channel_add(params_row, ctx2, summed_hw)
         summed_act = fxp.leaky_relu(summed)
         ep = self._context_layer(topology.EP, summed_act, saturation)
         tensors = {topology.CTX1: ctx1, "ctx1_act": ctx1_act, topology.CTX2: ctx2, "summed": summed,
@@ -245,6 +248,7 @@ class IntegerModel:
         padded = topology.context_buffer(params_q[:, :self.M], height, width)
         symbols = params_q.new_empty(batch, self.M, height, width)
         pdf_index = torch.empty_like(symbols)
+        latent = self.hw.latent_hw
         for h in range(height):
             layers = self._predict_row(topology.context_window(padded, h), params_q[:, :, h:h + 1], saturation)
             ep = layers[self.row_paths[topology.EP]]
@@ -252,10 +256,10 @@ class IntegerModel:
             row_symbols = next_symbols(h, mu_q, index)
             symbols[:, :, h:h + 1] = row_symbols
             pdf_index[:, :, h:h + 1] = index
-            topology.context_interior(padded, h).copy_(fxp.dequantize_latent(row_symbols, mu_q, self.hw))
+            topology.context_interior(padded, h).copy_(fxp.dequantize_latent(row_symbols, mu_q, latent))
             if saturation is not None:
-                saturation.add("latent_hat", fxp.dequantized_latent_unclamped(row_symbols, mu_q, self.hw),
-                               -self.hw.act_max, self.hw.act_max)
+                saturation.add("latent_hat", fxp.dequantized_latent_unclamped(row_symbols, mu_q, latent),
+                               -latent.act_max, latent.act_max)
             if record is not None:
                 for name, tensor in layers.items():
                     record.setdefault(name, []).append(tensor)
@@ -273,9 +277,9 @@ class IntegerModel:
 
         def quantize(h: int, mu_q: Tensor, index: Tensor) -> Tensor:
             if saturation is not None:
-                saturation.add("symbols", fxp.symbol_residual(y_q[:, :, h:h + 1], mu_q, self.hw),
+                saturation.add("symbols", fxp.symbol_residual(y_q[:, :, h:h + 1], mu_q, self.hw.latent_hw),
                                -fxp.SYMBOL_MAX, fxp.SYMBOL_MAX)
-            return fxp.latent_symbols(y_q[:, :, h:h + 1], mu_q, self.hw)
+            return fxp.latent_symbols(y_q[:, :, h:h + 1], mu_q, self.hw.latent_hw)
 
         return self._rows(params_q, quantize, record, saturation)
 

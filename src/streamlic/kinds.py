@@ -38,7 +38,7 @@ FLOAT_FIELDS = ("float_input_scale", "float_output_scale")  # every weighted lay
 
 @dataclass(frozen=True)
 class IntegerContext:
-    """What an integer layer is built with besides its own integers."""
+    """What an integer layer is built with besides its own integers (``hw``: the layer's own widths)."""
 
     hw: HardwareConfig
     tanh_lut: Tensor
@@ -116,8 +116,8 @@ def field_bits(key: str, hw: HardwareConfig) -> tuple[int, bool]:
 
 
 def build_qat(spec: topology.LayerSpec, hw: HardwareConfig, sp: SparsityConfig) -> nn.Module:
-    """The QAT module of one row of the network table."""
-    return kind_of(spec).qat(spec, hw, sp)
+    """The QAT module of one row of the network table, at that layer's widths (``hw.for_layer``)."""
+    return kind_of(spec).qat(spec, hw.for_layer(spec.path), sp)
 
 
 def build_integer(spec: topology.LayerSpec, params: dict[str, Tensor], ctx: IntegerContext) -> Callable:
@@ -179,7 +179,7 @@ register(LayerKind(
 register(LayerKind(
     topology.LAGC,
     qat=lambda spec, hw, sp: LAGC(spec.out_channels, hw),
-    integer=lambda spec, p, ctx: IntegerLAGC(spec.path, p, ctx.hw, ctx.tanh_lut),
+    integer=lambda spec, p, ctx: IntegerLAGC(spec.path, p, ctx.hw, ctx.tanh_lut, ctx.input_bound),
     fields=LAGC_FIELDS, integer_step=lambda module: module.out_scale, report_kind="lagc",
     weight_field="affine_weight", convolved=lambda spec: (spec.out_channels, (1, 1)),
     geometry=topology.GEOMETRY[topology.LAGC]))

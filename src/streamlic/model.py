@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from . import fixedpoint as fxp
 from . import topology
-from .config import HardwareConfig, ModelConfig, checkpoint_fixed, hardware_config, model_config, sparsity_config
+from .config import (PER_LAYER_DEFAULTS, HardwareConfig, ModelConfig, checkpoint_fixed, hardware_config, model_config,
+                     sparsity_config)
 from .entropy import RectifiedPDF, bottleneck_pmf_table, gaussian_pmf_table
 from .kinds import build_qat
 from .layers import (ChannelAddition, FGPConv2d, IntegerParameters, QLeakyReLU, QuantLayer, RangeTracker,
@@ -102,7 +103,7 @@ class StreamLIC(StageState, CompressionModel):
     def input_scales(self) -> dict[str, float]:
         """Scale of the integers entering each sub-network (docs/fixed-point.md)."""
         ls = self.hw.latent_scale
-        return {"g_a": fxp.image_scale(self.hw), "h_a": ls, "h_s": 1.0, "g_s": ls,
+        return {"g_a": fxp.image_scale(self.hw.for_layer("g_a.0")), "h_a": ls, "h_s": 1.0, "g_s": ls,
                 "context_prediction": ls, "entropy_parameters": ls}
 
     def _quant_modules(self):
@@ -203,8 +204,9 @@ class StreamLIC(StageState, CompressionModel):
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"model state version {state.get('version')!r}: this StreamLIC reads version "
                              f"{STATE_VERSION} (and upgrades version 1); the checkpoint was written by a newer release")
-        mine = {f"{group}.{key}": value for group, values in self.get_extra_state()["config"].items()
-                for key, value in values.items()}
+        config = self.get_extra_state()["config"]
+        mine = {f"{group}.{key}": value for group, values in {**config, "hardware": {
+            **PER_LAYER_DEFAULTS, **config["hardware"]}}.items() for key, value in values.items()}
         for key, saved in checkpoint_fixed(state.get("config", {}), state.get("prepared", ())).items():
             if key.split(".")[0] in ("model", "hardware") and key != "hardware.name" and mine.get(key) != saved:
                 raise ValueError(f"checkpoint was made with {key}={saved}, this model has {key}={mine.get(key)}")
@@ -243,7 +245,8 @@ class StreamLIC(StageState, CompressionModel):
     def image_input(self, x: Tensor) -> Tensor:
         """The network input ``x - 0.5``; on the integer grid once quantized."""
         if self.quantized:
-            return fxp.quantize_image(x, self.hw) * fxp.image_scale(self.hw)
+            hw = self.hw.for_layer("g_a.0")  # the image enters at the first layer's width
+            return fxp.quantize_image(x, hw) * fxp.image_scale(hw)
         return x - 0.5
 
     def context_input(self, y_hat: Tensor) -> Tensor:
@@ -273,8 +276,9 @@ class StreamLIC(StageState, CompressionModel):
     @property
     def grid_hw(self) -> HardwareConfig:
         """The datapath whose latent grid and ranges the stage computes on: ``hw`` from QAT on, before it
-        :data:`fixedpoint.FLOAT_STAGE_HARDWARE` (float training does not depend on the bit widths)."""
-        return self.hw if self.quantized else fxp.FLOAT_STAGE_HARDWARE
+        :data:`fixedpoint.FLOAT_STAGE_HARDWARE` (float training does not depend on the bit widths); the latent
+        grid's datapath (``hw.latent_hw``), with per-layer widths."""
+        return self.hw.latent_hw if self.quantized else fxp.FLOAT_STAGE_HARDWARE
 
     def hyper_symbols(self, z: Tensor) -> Tensor:
         hw = self.grid_hw

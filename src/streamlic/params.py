@@ -69,7 +69,7 @@ def export_quantized_parameters(model: StreamLIC) -> dict[str, dict[str, Tensor]
             _check_masked_weights(name, layer["weight"], layer["mask"])
         layer["float_input_scale"] = module.in_scale.detach().to(torch.float64).clone()
         layer["float_output_scale"] = module.out_scale.detach().to(torch.float64).clone()
-        _check_ranges(name, layer, model.hw)
+        _check_ranges(name, layer, model.hw.for_layer(name))
         params[name] = layer
     return params
 

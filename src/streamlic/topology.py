@@ -9,6 +9,7 @@ images with its strides. Paths are the research code's module paths (``g_a.0`` .
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -116,10 +117,41 @@ def sparse_paths(cfg: ModelConfig) -> dict[str, str]:
     return {spec.sparse: spec.path for spec in layers(cfg) if spec.kind == SPARSE}
 
 
+# what the first layer of each sub-network reads: the image, the hyper symbols or the latent grid
+IMAGE, SYMBOLS, LATENT_GRID = "image", "symbols", "latent_grid"
+_SUBNETWORK_INPUT = {"g_a": IMAGE, "h_a": LATENT_GRID, "h_s": SYMBOLS, "g_s": LATENT_GRID,
+                     "context_prediction": LATENT_GRID, "entropy_parameters": LATENT_GRID}
+
+
+# the table's paths and order are the same for every size: read from a network of one channel everywhere
+_ANY_SIZES = namedtuple("Sizes", "c1 c2 c3 M N")(1, 1, 1, 1, 1)
+
+
+@lru_cache(maxsize=None)
+def producers() -> dict[str, str]:
+    """For each layer that reads integers (the weighted ones and the channel addition), the layer whose
+    requantized output it reads, or :data:`IMAGE`, :data:`SYMBOLS`, :data:`LATENT_GRID` (paths are the same
+    for every size; LeakyReLUs and paddings pass their input's integers on)."""
+    found = {}
+    for name, specs in network(_ANY_SIZES).items():
+        source = _SUBNETWORK_INPUT[name]
+        for spec in specs:
+            if spec.weighted or spec.kind == CHANNEL_ADD:
+                found[spec.path], source = source, spec.path
+    return found
+
+
 def input_bound(spec: LayerSpec, hw: HardwareConfig) -> int:
-    """The largest |integer| entering a layer: the image into ``g_a.0``, the 8-bit hyper symbols into
-    ``h_s.0``, an activation anywhere else."""
-    return {"g_a.0": hw.image_max, "h_s.0": SYMBOL_MAX}.get(spec.path, hw.act_max)
+    """The largest |integer| entering a layer: the image into ``g_a.0`` (at g_a.0's width), the 8-bit hyper
+    symbols into ``h_s.0``, the latent grid's range into its readers, its producer's activation range elsewhere."""
+    source = producers().get(spec.path)
+    if source == IMAGE:
+        return hw.for_layer(spec.path).image_max
+    if source == SYMBOLS:
+        return SYMBOL_MAX
+    if source == LATENT_GRID:
+        return hw.latent_hw.act_max
+    return hw.act_max if source is None else hw.for_layer(source).act_max
 
 
 def row_engine_paths(cfg: ModelConfig) -> dict[str, str]:

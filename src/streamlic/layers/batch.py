@@ -214,7 +214,7 @@ class IntegerParameters:
     """
 
     def __init__(self):
-        self.caches = (_Constants(), _Constants(), _Constants())
+        self.caches: dict[HardwareConfig, tuple[_Constants, _Constants, _Constants]] = {}  # one set per datapath
         self.current: dict[str, tuple] = {}
 
     def __deepcopy__(self, memo) -> IntegerParameters:
@@ -228,10 +228,24 @@ class IntegerParameters:
         self.__init__()
 
     @staticmethod
-    def assemble_all(layers: list, caches=None) -> list[tuple]:
+    def assemble_all(layers: list, caches: dict | None = None) -> list[tuple]:
+        """Each layer's ``assemble`` result, in order; layers of one datapath (per-layer widths) form together."""
+        by_hw: dict[HardwareConfig, list[int]] = {}
+        for index, layer in enumerate(layers):
+            by_hw.setdefault(layer.hw, []).append(index)
+        assembled: list[tuple] = [()] * len(layers)
+        for hw, indices in by_hw.items():
+            group = IntegerParameters._assemble_group(
+                [layers[i] for i in indices], hw, None if caches is None else caches.setdefault(
+                    hw, (_Constants(), _Constants(), _Constants())))
+            for i, result in zip(indices, group):
+                assembled[i] = result
+        return assembled
+
+    @staticmethod
+    def _assemble_group(layers: list, hw: HardwareConfig, caches=None) -> list[tuple]:
         caches = caches or (None, None, None)
         rules = [layer.integer_rules() for layer in layers]
-        hw = layers[0].hw
         weights = integer_weights([w for r in rules for w in r.weights], caches[0])
         bias_rules = [b for r in rules for b in r.biases]
         biases = integer_biases(bias_rules, hw, caches[1]) if bias_rules else []
