@@ -143,15 +143,16 @@ def _run_prepare_data(args: argparse.Namespace) -> int:
 def _run_sensitivity(args: argparse.Namespace) -> int:
     from .sensitivity_report import RESULT_FILES
 
-    _check_paths([args.checkpoint, *([args.data] if args.data else [])], [], args.force)
-    args.out.mkdir(parents=True, exist_ok=True)
-    _check_paths([], [args.out / name for name in RESULT_FILES], args.force)  # before the study, not after it
+    # the outputs are checked before the study, not after it: a new folder's parent, an existing one's files
+    outputs = [args.out / name for name in RESULT_FILES] if args.out.is_dir() else [args.out]
+    _check_paths([args.checkpoint, *([args.data] if args.data else [])], outputs, args.force)
     _start_torch(args)
     from .sensitivity import run_study
     from .sensitivity_report import markdown, write_results
 
     results = run_study(args.checkpoint, args.data, args.widths, args.tolerances)
     print(markdown(results))
+    args.out.mkdir(exist_ok=True)
     written = write_results(results, args.out, args.force)
     print(f"wrote {', '.join(map(str, written))} ({results['seconds']:.0f} s)")
     return 0

@@ -60,11 +60,12 @@ def plot(results: dict[str, Any], target) -> None:
     axis = figure.subplots()
     for configs, marker, color, label in ((results["allocations"], "o", "C0", "per-layer allocation"),
                                           (results["uniform"], "s", "C3", "uniform widths")):
-        x = [config["bit_cost"] for config in configs]
-        y = [100 * config["qat_entry"]["change"] for config in configs]
-        axis.scatter(x, y, marker=marker, color=color, label=label, zorder=3)
-        for config, xi, yi in zip(configs, x, y):
-            axis.annotate(config["name"], (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize="small")
+        points: dict[tuple[float, float], list[str]] = {}  # equal allocations share a point and one label
+        for config in configs:
+            points.setdefault((config["bit_cost"], 100 * config["qat_entry"]["change"]), []).append(config["name"])
+        axis.scatter([x for x, _ in points], [y for _, y in points], marker=marker, color=color, label=label, zorder=3)
+        for point, names in points.items():
+            axis.annotate(", ".join(names), point, textcoords="offset points", xytext=(5, 4), fontsize="small")
     axis.set_xlabel("bit cost: Σ MACs/px × W × A_in")
     axis.set_ylabel("RD-loss change at QAT entry [%]")
     axis.set_title("Bit widths: cost against RD loss")
