@@ -14,7 +14,7 @@ from _models import TINY_MODEL, rd_loss, tiny_model
 from _training import ROOT, TINY, compose_config, run_training, schedule, script_env
 from callbacks import STAGE_CHECKPOINT_NAMES
 from streamlic import StreamLIC, topology
-from streamlic.config import HardwareConfig, ModelConfig, hardware_config
+from streamlic.config import ModelConfig, hardware_config
 from streamlic.layers import LAGC
 from streamlic.sensitivity import (allocate, allocation_config, layer_widths, measure_layers, uniform_config,
                                    weighted_specs, weights_at)

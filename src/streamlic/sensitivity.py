@@ -52,8 +52,7 @@ WIDTH_KEYS = {"weight": "weight_bits", "activation": "activation_bits"}
 class Source:
     """What the study reads from a checkpoint: its configs, its weights as a stage-2 state, its loss."""
 
-    path: Path
-    stage: str
+    stage: str  # the checkpoint's own
     configs: dict[str, Any]  # the model's "model", "hardware" and "sparsity" configs
     state: dict[str, Tensor]
     loss: dict[str, Any]  # StreamLICModule's lmbda, distortion, quality
@@ -77,7 +76,7 @@ def read_source(path: Path) -> Source:
         raise CheckpointError(f"CKPT={path}: no training settings (lambda) inside; give a stage checkpoint "
                               "written by train.py (stageN-*.ckpt)")
     stage2 = {**extra, "stage": Stage.MASK.label, "masked": True, "prepared": ["masks"]}
-    return Source(path, extra["stage"], extra["config"], {**state, "_extra_state": stage2},
+    return Source(extra["stage"], extra["config"], {**state, "_extra_state": stage2},
                   {key: settings.get(key) for key in ("lmbda", "distortion", "quality")},
                   dict(checkpoint.get("datamodule_hyper_parameters") or {}))
 
@@ -302,13 +301,16 @@ def run_study(checkpoint: Path, data: Path | None = None, widths: Sequence[int] 
     start = time.perf_counter()
     widths = tuple(sorted(set(widths or WIDTHS)))
     tolerances = tuple(tolerances or TOLERANCES)
-    for width in widths:
-        uniform_config(width)
     if any(t < 0 for t in tolerances):
         raise ConfigError(f"--tolerances {' '.join(map(str, tolerances))}: must not be negative")
     source = read_source(checkpoint)
-    loader = validation_loader(source, data)
     cfg = source.model_cfg
+    widest = [uniform_config(width) for width in widths][-1]  # each width checked
+    try:  # the widest uniform datapath bounds every allocation's accumulators: checked before, not after, the study
+        cfg.validate_against(widest)
+    except ConfigError as err:
+        raise ConfigError(f"--widths {widths[-1]}: too wide for this model ({err})") from None
+    loader = validation_loader(source, data)
 
     def evaluate(model: StreamLIC) -> dict[str, float]:
         return StreamLICModule(model, **source.loss).evaluate(loader)
@@ -317,8 +319,7 @@ def run_study(checkpoint: Path, data: Path | None = None, widths: Sequence[int] 
     float_module = StreamLICModule(float_model, **source.loss)
     float_metrics = float_module.evaluate(loader)
     changes = measure_layers(float_model, lambda: float_module.evaluate(loader)["loss"], widths)
-    active = {path: int(layer.mask.sum()) for path, layer in
-              ((path, float_model.get_submodule(path)) for path in topology.sparse_paths(cfg).values())}
+    active = {path: int(float_model.get_submodule(path).mask.sum()) for path in topology.sparse_paths(cfg).values()}
     sizes = layer_sizes(cfg, active)
 
     def measured(name: str, hw: HardwareConfig, tolerance: float | None) -> dict[str, Any]:
