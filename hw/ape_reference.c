@@ -361,9 +361,10 @@ static const struct {
     const char *flag;
     const char *manifest_path;
 } SETTINGS[SETTING_COUNT] = {
-    {"--act-bits", "bit_widths/activation"},
-    {"--weight-bits", "bit_widths/weight"},
-    {"--precision-bits", "config/hardware/precision_bits"},
+    /* the row engine's own widths (one datapath for ctx1, ctx2, the channel addition and ep) */
+    {"--act-bits", "context_engine/bit_widths/activation"},
+    {"--weight-bits", "context_engine/bit_widths/weight"},
+    {"--precision-bits", "context_engine/bit_widths/precision"},
     {"--multiplier-bits", "bit_widths/multiplier"},
     {"--shift-bits", "bit_widths/shift"},
     {"--block-in", "config/hardware/block_in"},

@@ -31,7 +31,10 @@ HYPER_GAIN = 8.0
 MIXED = HardwareConfig(layers={"g_a": {"activation_bits": 8, "weight_bits": 8},
                                "g_s": {"activation_bits": 8, "weight_bits": 8}})
 ENTROPY_AT_8 = HardwareConfig(layers={"entropy_parameters": {"activation_bits": 8, "weight_bits": 8}})
-HARDWARE = {"w12a12": W12A12, "w8a8": W8A8, "mixed": MIXED, "entropy8": ENTROPY_AT_8}
+# the row engine (and so the latent grid) at 10 bits, the transforms at the global 12
+ENGINE_AT_10 = HardwareConfig(layers={"context_prediction": {"activation_bits": 10},
+                                      "entropy_parameters": {"activation_bits": 10}})
+HARDWARE = {"w12a12": W12A12, "w8a8": W8A8, "mixed": MIXED, "entropy8": ENTROPY_AT_8, "engine10": ENGINE_AT_10}
 STAGE_ORDER = STAGES
 LAMBDA = 0.01  # rate-distortion trade-off of the test training loss (MSE on [0, 255] pixels)
 CROP = 64

@@ -18,8 +18,11 @@ from _models import sample_photos, saturating_tiny_model, tiny_model
 from streamlic.export import export_package
 
 SOURCE = Path(__file__).resolve().parents[1] / "hw" / "ape_reference.c"
-# (hardware, stage); "saturating": the tiny model whose ctx2 can saturate (corner-case set hits every clamp)
-CASES = (("w12a12", "pdf"), ("w8a8", "qat"), ("w8a8", "saturating"))
+# (hardware, stage); "saturating": the tiny model whose ctx2 can saturate (corner-case set hits every clamp);
+# per-layer widths: "mixed", g_a and g_s at 8 bits beside the 12-bit row engine; "engine10", the row engine
+# and the latent grid at 10 bits beside 12-bit transforms (the program reads the engine's widths from the manifest)
+CASES = (("w12a12", "pdf"), ("w8a8", "qat"), ("w8a8", "saturating"), ("mixed", "qat"), ("mixed", "saturating"),
+         ("engine10", "qat"))
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 
 from _models import ENTROPY_AT_8, MIXED, TINY_MODEL, TINY_SPARSITY, sample_photos, tiny_model
 from streamlic import StreamLIC, topology
 from streamlic.bitexact import compare_with_qat
 from streamlic.config import ConfigError, HardwareConfig, ModelConfig, checkpoint_fixed, hardware_config
+from streamlic.export import ExportError, export_package, load_integer_model
+from streamlic.integer_model import IntegerModel
 from streamlic.layers import ChannelAddition, QuantLayer
 
 LATENT_WRITERS = ("g_a.6", "h_a.3", "h_s.2", "context_prediction.3", "entropy_parameters.2")
@@ -115,3 +123,66 @@ def test_an_entropy_path_at_8_bits_keeps_one_latent_grid_and_is_bit_exact():
     name, x = sample_photos()[0]
     report = compare_with_qat(model, x)
     assert report.exact, f"{name}\n{report}"
+
+
+# ---------------------------------------------------------------------------- export
+
+def test_a_mixed_export_lists_each_layers_widths_and_reads_back(tmp_path):
+    model = tiny_model("mixed", "qat")
+    export_package(model, tmp_path / "pkg")
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    assert manifest["bit_widths"]["activation"] == manifest["bit_widths"]["weight"] == 12  # the global widths
+    layers = manifest["layer_bit_widths"]
+    assert layers["g_a.0"] == {"activation": 8, "weight": 8, "precision": 12, "residual": 4}
+    assert layers["g_a.6"] == {"activation": 12, "weight": 8, "precision": 16, "residual": 4}
+    assert layers["h_a.1"]["activation"] == 12 and layers["g_s.5"]["activation"] == 8
+    assert manifest["context_engine"] == {
+        "layers": {"ctx1": "context_prediction.1", "ctx2": "context_prediction.3",
+                   "summed": "entropy_parameters.0", "ep": "entropy_parameters.2"},
+        "bit_widths": {"activation": 12, "weight": 12, "precision": 16, "residual": 4, "latent": 12}}
+    header = (tmp_path / "pkg" / "streamlic_params.h").read_text()
+    assert "#define STREAMLIC_G_A_0_ACT_BITS 8\n" in header and "#define STREAMLIC_H_A_1_ACT_BITS 12\n" in header
+    assert "#define STREAMLIC_LATENT_BITS 12\n" in header
+    assert "static const int8_t STREAMLIC_G_S_2_WEIGHT[" in header  # C types follow each layer's widths
+    assert "static const int16_t STREAMLIC_H_S_0_WEIGHT[" in header
+    assert "static const int8_t STREAMLIC_TANH_LUT_A8[255]" in header  # the 8-bit LAGCs' table
+    report = json.loads((tmp_path / "pkg" / "hardware_report.json").read_text())
+    rows = {row["layer"]: row for row in report["layers"]}
+    assert (rows["g_a.2"]["activation_bits"], rows["g_a.2"]["weight_bits"], rows["g_a.2"]["input_bits"]) == (8, 8, 8)
+    assert rows["g_a.2"]["bit_macs_sparse"] == rows["g_a.2"]["macs_sparse"] * 8 * 8
+    assert rows["h_a.1"]["input_bits"] == 12
+    assert load_integer_model(tmp_path / "pkg").model_hash == IntegerModel.from_model(model).model_hash
+
+
+def test_an_export_refuses_a_context_engine_of_mixed_widths_in_one_line(tmp_path):
+    model = tiny_model("entropy8", "qat")  # ctx1 at 12 bits, ctx2, the addition and ep at 8
+    with pytest.raises(ExportError) as caught:
+        export_package(model, tmp_path / "pkg")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("the context engine runs on one width, but its layers differ")
+    assert "context_prediction.1 A=12 W=12 P=16 (hardware.activation_bits, hardware.weight_bits)" in message
+    assert ("entropy_parameters.2 A=8 W=8 P=12 (hardware.layers.entropy_parameters.activation_bits, "
+            "hardware.layers.entropy_parameters.weight_bits)") in message
+    assert not (tmp_path / "pkg").exists()
+    # the command: one ERROR line, exit 1, nothing written
+    checkpoint = tmp_path / "stage3-qat.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    done = subprocess.run([sys.executable, "-m", "streamlic.cli", "export", str(checkpoint), "-o",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"ERROR {message}"], done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_codec_codes_a_mixed_model_exactly():
+    from streamlic.codec import StreamCodec
+
+    model = tiny_model("mixed", "pdf")
+    encoder, decoder = StreamCodec(IntegerModel.from_model(model)), StreamCodec(IntegerModel.from_model(model))
+    name, x = sample_photos()[1]
+    encoded = encoder.encode(x[0])
+    decoded = decoder.decode(encoded.data, name)
+    expected = decoder.engine.synthesis(encoded.code.y_hat_q)[0, :, :x.shape[2], :x.shape[3]]
+    assert torch.equal(decoded, expected)
+    assert torch.equal(decoder.read_latents(encoded.data, name)[1].symbols, encoded.code.symbols)

@@ -158,3 +158,21 @@ def test_init_from_a_float_checkpoint_trains_per_layer_widths_that_the_qat_check
         f"ERROR hardware.layers={{'g_s': {{'weight_bits': 10}}}}: init_from={qat} has hardware.layers="
         "{'g_a.0': {'activation_bits': 10}, 'g_s': {'weight_bits': 8}}, fixed by its stage (qat); a different bit "
         "width starts from a checkpoint before QAT (stage1-aun.ckpt or stage2-mask.ckpt)"], done.stderr
+
+
+@pytest.mark.slow
+def test_a_context_engine_of_mixed_widths_trains_and_its_export_is_one_error_line(hardware_runs, tmp_path):
+    stage2 = hardware_runs / "w12a12" / "checkpoints" / STAGE_CHECKPOINT_NAMES["mask"]
+    out = tmp_path / "run"
+    done = run_script([*NOT_FROM_CHECKPOINT, *schedule(), f"init_from={stage2}", "export=true", "test=false",
+                       "+hardware.layers.entropy_parameters.activation_bits=8", "trainer.max_epochs=3",
+                       "trainer.limit_train_batches=2", f"hydra.run.dir={out}"], timeout=300)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "ERROR run failed: export: the context engine runs on one width, but its layers differ: "
+        "context_prediction.1 A=12 W=12 P=16"), done.stderr[-3000:]
+    assert "entropy_parameters.2 A=8" in errors[0]
+    results = json.loads((out / "results.json").read_text())
+    assert (results["stage"], results["status"]) == ("qat", "failed: export")
+    assert (out / "checkpoints" / STAGE_CHECKPOINT_NAMES["qat"]).is_file()  # what trained is kept

@@ -100,6 +100,7 @@ class HardwareConfig:
     # ------------------------------------------------------------------ per-layer widths
     def _resolve_widths(self) -> dict[str, tuple[int, int, int]]:
         """(A, W, P) of every weighted layer and sub-network, each width checked under the key it came from."""
+        object.__setattr__(self, "_sources", {})  # the config key each layer's width comes from
         if self.latent_bits is None and not self.layers:
             return {}
         paths, writers = _layer_paths()
@@ -109,7 +110,8 @@ class HardwareConfig:
                                   f"{', '.join(SUBNETWORKS)}; layers such as g_a.0, h_s.2, context_prediction.1)")
         if self.latent_bits is not None:
             _check_widths(self.latent_bits, None, None, {"activation_bits": "hardware.latent_bits"})
-        latent = self.latent_bits or self._picked(PDF_INDEX_PATH, "activation_bits")[0]
+        latent, latent_key = ((self.latent_bits, "hardware.latent_bits") if self.latent_bits is not None
+                              else self._picked(PDF_INDEX_PATH, "activation_bits"))
         widths = {}
         for path in (*SUBNETWORKS, *paths):
             (a, a_key), (w, w_key) = self._picked(path, "activation_bits"), self._picked(path, "weight_bits")
@@ -120,10 +122,12 @@ class HardwareConfig:
                     raise ConfigError(f"hardware.layers.{path}.activation_bits={own['activation_bits']}: {path} "
                                       f"writes the latent grid, whose width is {latent} (hardware.latent_bits, else "
                                       f"the width of {PDF_INDEX_PATH}); set hardware.latent_bits instead")
-                p, p_key = (p, p_key) if "precision_bits" in own else (latent + p - a, p_key or a_key)
-                a, a_key = latent, a_key if "activation_bits" in own else "hardware.latent_bits"
-            _check_widths(a, w, p, {"activation_bits": a_key, "weight_bits": w_key, "precision_bits": p_key or a_key})
+                p = p if "precision_bits" in own else latent + p - a
+                a, a_key = latent, a_key if "activation_bits" in own else latent_key
+            keys = {"activation_bits": a_key, "weight_bits": w_key, "precision_bits": p_key or a_key}
+            _check_widths(a, w, p, keys)
             widths[path] = (a, w, p)
+            self._sources[path] = keys
         return widths
 
     def _picked(self, path: str, key: str, default: int | None = None) -> tuple[int, str | None]:
@@ -161,6 +165,11 @@ class HardwareConfig:
                 **self.to_dict(), "activation_bits": a, "weight_bits": w, "precision_bits": p, "layers": {},
                 "latent_bits": None if self.latent_width == a else self.latent_width})
         return self._layer_configs[key]
+
+    def width_keys(self, path: str) -> dict[str, str]:
+        """The config key each of a layer's widths comes from (``hardware.layers.g_a.weight_bits`` ...)."""
+        return self._sources.get(path) or self._sources.get(path.split(".")[0]) or {
+            key: f"hardware.{key}" for key in WIDTH_KEYS}
 
     @property
     def latent_hw(self) -> HardwareConfig:

@@ -7,7 +7,7 @@ these constants. No torch here: the network table (:mod:`streamlic.topology`) re
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
     from .config import HardwareConfig
@@ -25,3 +25,10 @@ def bit_widths(hw: HardwareConfig) -> dict[str, int]:
     return {"activation": hw.activation_bits, "weight": hw.weight_bits, "precision": hw.precision_bits,
             "residual": hw.residual_bits, "accumulator": hw.accumulator_bits, "multiplier": hw.multiplier_bits,
             "shift": hw.shift_bits, "symbol": SYMBOL_BITS, "cdf_precision": CDF_PRECISION}
+
+
+def layer_bit_widths(hw: HardwareConfig, paths: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Each layer's own datapath widths (activation, weight, precision, residual), by path."""
+    return {path: {"activation": layer.activation_bits, "weight": layer.weight_bits,
+                   "precision": layer.precision_bits, "residual": layer.residual_bits}
+            for path, layer in ((path, hw.for_layer(path)) for path in paths)}

@@ -75,7 +75,7 @@ def worst_case_outputs(integer_model: IntegerModel) -> dict[str, tuple[Tensor, T
     a LeakyReLU output in ``[leaky(-act), act]``. Keys: ``ctx1``, ``ctx2``, ``ep_mean`` (ep's
     even channels) and ``pdf_index`` (its odd channels).
     """
-    act = integer_model.hw.act_max
+    act = integer_model.hw.latent_hw.act_max
     after_leaky = int(fxp.leaky_relu(torch.tensor(-act)))
     input_ranges = {topology.CTX1: (-act, act), topology.CTX2: (after_leaky, act), topology.EP: (after_leaky, act)}
     outputs = {}
@@ -103,7 +103,7 @@ def _aimed_latent_rows(integer_model: IntegerModel, channel: int, sign: int) -> 
     w1, w2 = integer_model.context[topology.CTX1].weight, integer_model.context[topology.CTX2].weight
     wanted = sign * w2[channel].sum(dim=(1, 2))  # [2M]: how much each ctx1 channel should rise
     drive = torch.einsum("j,jihw->ih", wanted, w1)  # [M, 3]: rise of that wish per latent (channel, row)
-    return torch.where(drive >= 0, 1, -1) * fxp.latent_bound(integer_model.hw)
+    return torch.where(drive >= 0, 1, -1) * fxp.latent_bound(integer_model.hw.latent_hw)
 
 
 def _aimed_hyper_row(integer_model: IntegerModel, channel: int, sign: int) -> Tensor:
@@ -113,7 +113,7 @@ def _aimed_hyper_row(integer_model: IntegerModel, channel: int, sign: int) -> Te
     can be set to the sign of its total weight in ``channel``.
     """
     wanted = sign * integer_model.context[topology.EP].weight[channel].sum(dim=(1, 2))
-    return torch.where(wanted >= 0, 1, -1) * integer_model.hw.act_max
+    return torch.where(wanted >= 0, 1, -1) * integer_model.hw.latent_hw.act_max
 
 
 # One corner-case cycle: (pattern, rows). Full-scale inputs are far outside what a trained
@@ -134,7 +134,7 @@ def corner_case_inputs(integer_model: IntegerModel, height: int, width: int, see
     The rows follow :data:`CORNER_CYCLE`; ``seed`` draws the random values and aimed channels;
     ``worst`` is :func:`worst_case_outputs` of the model if the caller already has it.
     """
-    hw, m = integer_model.hw, integer_model.M
+    hw, m = integer_model.hw.latent_hw, integer_model.M  # the row engine's datapath
     y_max, act = fxp.latent_bound(hw), hw.act_max
     worst = worst_case_outputs(integer_model) if worst is None else worst
     generator = torch.Generator().manual_seed(seed)
@@ -193,7 +193,7 @@ def _corner_case_vectors(integer_model: IntegerModel, height: int, width: int, d
     ``CORNER_CLAMPS`` are reached. Clamps that no input can reach for this model are listed
     under ``unreachable``; reachable ones that no seed reached under ``unreached``, with a warning.
     """
-    act = integer_model.hw.act_max
+    act = integer_model.hw.latent_hw.act_max
     bounds = {"pdf_index": (0, fxp.SCALE_INDEX_MAX)}
     unreachable = []
     worst = worst_case_outputs(integer_model)

@@ -7,12 +7,15 @@ from torch import Tensor
 
 from .. import fixedpoint as fxp
 from ..config import HardwareConfig, ModelConfig
-from ..formats import bit_widths
+from ..formats import bit_widths, layer_bit_widths
 from ..kinds import field_bits
 
 HEADER_PREFIX = "STREAMLIC"
 # the datapath widths the header defines after ACT_BITS, each as <NAME>_BITS
 DATAPATH_WIDTHS = ("weight", "precision", "residual", "accumulator", "multiplier", "shift")
+# each layer's own widths, as <LAYER>_<NAME>
+LAYER_WIDTH_NAMES = {"activation": "ACT_BITS", "weight": "WEIGHT_BITS", "precision": "PRECISION_BITS",
+                     "residual": "RESIDUAL_BITS"}
 
 
 def _c_int_type(bits: int, signed: bool) -> str:
@@ -65,15 +68,26 @@ def c_header(params: dict[str, dict[str, Tensor]], tables: dict[str, Tensor], hw
               "BLOCK_OUT": hw.block_out, "LATENT_SHIFT": hw.latent_shift, "SYMBOL_MAX": fxp.SYMBOL_MAX,
               "SCALE_LEVELS": fxp.SCALE_LEVELS, **{key.upper(): value for key, value in model_cfg.to_dict().items()}}
     lines += [f"#define {_c_name(key)} {value}" for key, value in widths.items()]
+    lines.append(f"#define {_c_name('LATENT_BITS')} {hw.latent_width}")
+    layer_widths = layer_bit_widths(hw, params)
     for layer, layer_params in params.items():
         lines += ["", f"/* ---- {layer} ---- */"]
+        lines += [f"#define {_c_name(layer, LAYER_WIDTH_NAMES[name])} {value}"
+                  for name, value in layer_widths[layer].items()]
         for key, value in layer_params.items():
             if value.is_floating_point():
                 lines.append(f"static const double {_c_name(layer, key)} = {float(value):.17g};")
             else:
-                lines += _c_array(_c_name(layer, key), _c_type_for(key, hw), value)
+                lines += _c_array(_c_name(layer, key), _c_type_for(key, hw.for_layer(layer)), value)
     table_types = {"cdf_y": "uint32_t", "cdf_z": "uint32_t", "tanh_lut": _c_int_type(hw.activation_bits, True)}
     for name, table in tables.items():
         lines += ["", *_c_array(_c_name(name), table_types[name], table)]
+    # an LAGC at another width than the global one reads its own table: TANH_LUT_A<bits>
+    lagc_widths = {hw.for_layer(layer).activation_bits: hw.for_layer(layer)
+                   for layer in params if "affine_weight" in params[layer]}
+    for bits, layer_hw in sorted(lagc_widths.items()):
+        if bits != hw.activation_bits:
+            table = fxp.tanh_table(layer_hw).to(torch.int64)
+            lines += ["", *_c_array(_c_name(f"tanh_lut_a{bits}"), _c_int_type(bits, True), table)]
     lines += ["", f"#endif /* {guard} */", ""]
     return "\n".join(lines)

@@ -21,14 +21,14 @@ from torch import Tensor
 
 from .. import fixedpoint as fxp
 from ..config import hardware_config, model_config
-from ..formats import CDF_PRECISION, bit_widths
+from ..formats import CDF_PRECISION, bit_widths, layer_bit_widths
 from ..integer_model import IntegerModel
 from ..params import ExportError, export_quantized_parameters, require_integer_stage, research_parameter_dict
 from ..topology import padded_size
 from .golden import CORNER_DIR, GOLDEN_TENSORS, golden_vectors, write_rows
 from .header import c_header, compact
 from .report import REPORT_SIZE, format_hardware_report, hardware_report
-from .streams import STREAM_FILES, hls_streams, parse_hls_streams, read_ints, sparse_layer_info
+from .streams import STREAM_FILES, context_engine, hls_streams, parse_hls_streams, read_ints, sparse_layer_info
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def export_package(model, out_dir: str | Path, image: Tensor | None = None,
     """
     require_integer_stage(model, "export")
     hw, model_cfg = model.hw, model.model_cfg
+    engine = context_engine(hw, model_cfg)  # a config the FPGA's row engine cannot run is refused first
     params = export_quantized_parameters(model)
     integer_model = IntegerModel.from_model(model, params=params)
     blocks_per_group = {short: layer.blocks_per_group for short, layer in model.sparse_layers().items()}
@@ -101,7 +102,7 @@ def export_package(model, out_dir: str | Path, image: Tensor | None = None,
         return written[name]
 
     torch.save(research_parameter_dict(params), path_of("params.pt"))
-    stored = {layer: {key: compact(key, value, hw) for key, value in layer_params.items()}
+    stored = {layer: {key: compact(key, value, hw.for_layer(layer)) for key, value in layer_params.items()}
               for layer, layer_params in params.items()}
     arrays = {f"{layer}/{key}": value.numpy() for layer, layer_params in stored.items()
               for key, value in layer_params.items()}
@@ -128,7 +129,9 @@ def export_package(model, out_dir: str | Path, image: Tensor | None = None,
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model_hash": integer_model.model_hash,
         "stage": model.stage,
         "config": {"model": model_cfg.to_dict(), "hardware": hw.to_dict(), "sparsity": model.sparsity_cfg.to_dict()},
-        "bit_widths": bit_widths(hw),
+        "bit_widths": bit_widths(hw),  # the global widths (every layer's, in a uniform config)
+        "layer_bit_widths": layer_bit_widths(hw, params),
+        "context_engine": engine,
         "layers": {layer: {key: ({"shape": list(value.shape),
                                   "dtype": str(stored[layer][key].dtype).removeprefix("torch.")}
                                  if not value.is_floating_point()

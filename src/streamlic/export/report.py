@@ -57,13 +57,19 @@ def hardware_report(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, mo
         active = topology.macs_per_position(specs[row["layer"]], int(p["mask"].sum())) if "mask" in p else dense
         worst = float(weight.abs().sum(dim=(1, 2, 3)).max()) * row["input_bound"]
         acc_bits = fxp.accumulator_bits(worst)
+        layer_hw = hw.for_layer(row["layer"])
+        input_bits = fxp.accumulator_bits(row["input_bound"])  # the multiplier's activation operand
         if acc_bits > widths["accumulator"]:
             raise fxp.FixedPointError(
                 f"{row['layer']}: worst-case accumulator |acc| <= {worst:.4g} needs {acc_bits} bits, more than "
                 f"hardware.accumulator_bits={hw.accumulator_bits}")
         entry = {**row, "macs_per_position_dense": dense, "macs_per_position_sparse": active,
                  "macs_dense": dense * row["positions"], "macs_sparse": active * row["positions"],
-                 "weight_bits": widths["weight"], "weight_bits_used": fxp.accumulator_bits(float(weight.abs().max())),
+                 "activation_bits": layer_hw.activation_bits, "weight_bits": layer_hw.weight_bits,
+                 "precision_bits": layer_hw.precision_bits, "input_bits": input_bits,
+                 "weight_bits_used": fxp.accumulator_bits(float(weight.abs().max())),
+                 # the multiplier-area proxy: each MAC weighs its operands' widths
+                 "bit_macs_sparse": active * row["positions"] * layer_hw.weight_bits * input_bits,
                  "accumulator_bits": acc_bits, "accumulator_bits_limit": widths["accumulator"]}
         if "mask" in p:
             blocks = block_mask(p["mask"], hw.block_in, hw.block_out)
@@ -88,6 +94,7 @@ def _totals(layers: list[dict[str, Any]], pixels: int) -> dict[str, Any]:
             "macs_per_pixel_dense": dense / pixels, "macs_per_pixel_sparse": sparse / pixels,
             "context_macs_dense": context_dense, "context_macs_sparse": context_sparse,
             "context_sparse_ratio": context_sparse / context_dense if context_dense else 1.0,
+            "bit_macs_per_pixel_sparse": sum(entry["bit_macs_sparse"] for entry in layers) / pixels,
             "max_accumulator_bits": max(entry["accumulator_bits"] for entry in layers)}
 
 
@@ -102,11 +109,12 @@ def format_hardware_report(report: dict[str, Any]) -> str:
              f"(A={hw['activation_bits']}, W={hw['weight_bits']}, P={hw['precision_bits']}, "
              f"accumulator {hw['accumulator_bits']} bits, blocks {hw['block_in']}x{hw['block_out']})", "",
              f"{'layer':<22}{'kind':<18}{'in':>5}{'out':>6}{'k':>6}{'MACs dense':>15}{'MACs sparse':>15}"
-             f"{'w bits':>8}{'acc bits':>9}{'blocks/group':>14}"]
+             f"{'A':>4}{'in b':>5}{'w bits':>8}{'acc bits':>9}{'blocks/group':>14}"]
     for e in report["layers"]:
         blocks = f"{e['blocks_per_group']}/{e['blocks_total_per_group']}" if "blocks_per_group" in e else "-"
         lines.append(f"{e['layer']:<22}{e['kind']:<18}{e['in_channels']:>5}{e['out_channels']:>6}"
                      f"{'x'.join(map(str, e['kernel'])):>6}{e['macs_dense']:>15,}{e['macs_sparse']:>15,}"
+                     f"{e['activation_bits']:>4}{e['input_bits']:>5}"
                      f"{e['weight_bits_used']:>4}/{e['weight_bits']:<3}{e['accumulator_bits']:>5}/"
                      f"{e['accumulator_bits_limit']:<3}{blocks:>14}")
     t = report["totals"]
@@ -114,5 +122,7 @@ def format_hardware_report(report: dict[str, Any]) -> str:
               f"MACs per pixel: dense {t['macs_per_pixel_dense']:.1f}, sparse {t['macs_per_pixel_sparse']:.1f}",
               f"context engine MACs: dense {t['context_macs_dense']:,}, sparse {t['context_macs_sparse']:,} "
               f"({100 * t['context_sparse_ratio']:.2f} %)",
-              f"widest worst-case accumulator: {t['max_accumulator_bits']} bits"]
+              f"widest worst-case accumulator: {t['max_accumulator_bits']} bits",
+              f"MACs x weight bits x input bits per pixel (multiplier-area proxy): "
+              f"{t['bit_macs_per_pixel_sparse']:,.0f}"]
     return "\n".join(lines) + "\n"
