@@ -31,7 +31,7 @@ from torch import Tensor
 from . import fixedpoint as fxp
 from . import topology
 from .config import W8A8, W12A12, ConfigError, HardwareConfig, ModelConfig, model_config
-from .export.report import REPORT_SIZE
+from .export.report import hardware_report
 from .kinds import kind_of
 from .layers import LAGC, QuantLayer
 from .layers.quant import SCALE_FLOOR, QuantizeWeight, weight_scale_of
@@ -261,33 +261,26 @@ def override_line(checkpoint: Path, hw: HardwareConfig) -> str:
     return shlex.join(["python", "train.py", f"init_from={checkpoint}", f"hardware.name={hw.name}", *sets])
 
 
-def layer_widths(hw: HardwareConfig, cfg: ModelConfig) -> dict[str, dict[str, int]]:
-    """Each weighted layer's weight, output and input widths under ``hw`` (``hw.for_layer``: a layer writing the
-    latent grid outputs at its width L); an input is as wide as its producer's output (``topology.input_bound``)."""
-    return {path: {"weight_bits": hw.for_layer(path).weight_bits, "activation_bits": hw.for_layer(path).activation_bits,
-                   "input_bits": topology.input_bound(spec, hw).bit_length() + 1}
-            for path, spec in weighted_specs(cfg).items()}
-
-
-def layer_sizes(cfg: ModelConfig, active_weights: dict[str, int]) -> dict[str, dict[str, float]]:
-    """MACs per image pixel and weights of every weighted layer, counted as the hardware report counts them
-    (at its image size; a block-sparse layer by its ``active_weights``)."""
-    height, width = REPORT_SIZE
-    specs = weighted_specs(cfg)
-    sizes = {}
-    for path, (rows, columns) in topology.layer_geometry(cfg, height, width).items():
-        spec = specs[path]
-        out_channels, (kh, kw) = kind_of(spec).convolved(spec)
-        active = active_weights.get(path)
-        sizes[path] = {"macs_per_pixel": topology.macs_per_position(spec, active) * rows * columns / (height * width),
-                       "weights": active if active is not None else out_channels * spec.in_channels * kh * kw}
-    return sizes
-
-
-def bit_cost(widths: dict[str, dict[str, int]], sizes: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Σ MACs/px × W × A_in (the multiplier-area proxy) and Σ weights × W (weight memory, bits)."""
-    return {"bit_cost": sum(sizes[p]["macs_per_pixel"] * w["weight_bits"] * w["input_bits"] for p, w in widths.items()),
-            "weight_memory_bits": sum(sizes[p]["weights"] * w["weight_bits"] for p, w in widths.items())}
+def hardware_cost(model: StreamLIC) -> dict[str, Any]:
+    """The bit cost of a quantized model from its hardware report (:func:`export.report.hardware_report`, its
+    image size): Σ MACs/px × W × A_in (the multiplier-area proxy; A_in: the width of the layer's input) and
+    Σ weights × W (weight memory, bits; a block-sparse layer's kept weights), with each layer's widths and size."""
+    params = model.export_quantized_parameters()
+    blocks = {name: layer.blocks_per_group for name, layer in model.sparse_layers().items()}
+    report = hardware_report(params, model.hw, model.model_cfg, blocks)
+    pixels = report["image_size"][0] * report["image_size"][1]
+    specs = weighted_specs(model.model_cfg)
+    layers = {}
+    for entry in report["layers"]:
+        path = entry["layer"]
+        mask = params[path].get("mask")
+        weights = int(mask.sum()) if mask is not None else params[path][kind_of(specs[path]).weight_field].numel()
+        layers[path] = {"weight_bits": entry["weight_bits"], "activation_bits": entry["activation_bits"],
+                        "input_bits": entry["input_bits"], "macs_per_pixel": entry["macs_sparse"] / pixels,
+                        "weights": weights}
+    return {"bit_cost": report["totals"]["bit_macs_per_pixel_sparse"], "image_size": report["image_size"],
+            "weight_memory_bits": sum(layer["weights"] * layer["weight_bits"] for layer in layers.values()),
+            "layers": layers}
 
 
 # ---------------------------------------------------------------------------- the study
@@ -319,16 +312,13 @@ def run_study(checkpoint: Path, data: Path | None = None, widths: Sequence[int] 
     float_module = StreamLICModule(float_model, **source.loss)
     float_metrics = float_module.evaluate(loader)
     changes = measure_layers(float_model, lambda: float_module.evaluate(loader)["loss"], widths)
-    active = {path: int(float_model.get_submodule(path).mask.sum()) for path in topology.sparse_paths(cfg).values()}
-    sizes = layer_sizes(cfg, active)
 
     def measured(name: str, hw: HardwareConfig, tolerance: float | None) -> dict[str, Any]:
         model = model_at_stage2(source, hw)
         model.enter_stage(Stage.QAT.label)
         metrics = evaluate(model)
-        per_layer = layer_widths(hw, cfg)
         record = {"name": name, "tolerance_percent": tolerance, "hardware": hw.to_dict(),
-                  "latent_bits": hw.latent_width, "layers": per_layer, **bit_cost(per_layer, sizes),
+                  "latent_bits": hw.latent_width, **hardware_cost(model),
                   "qat_entry": {**metrics, "change": metrics["loss"] / float_metrics["loss"] - 1.0},
                   "override": override_line(checkpoint, hw)}
         log.info("%s: bit cost %.4g, QAT-entry RD-loss change %+.2f %%", name, record["bit_cost"],
@@ -344,8 +334,8 @@ def run_study(checkpoint: Path, data: Path | None = None, widths: Sequence[int] 
     return {"checkpoint": str(checkpoint), "stage": source.stage,
             "data": str(data) if data is not None else f"the run's validation set ({source.data.get('source', 'demo')})",
             "images": len(loader.dataset), "loss": source.loss, "widths": list(widths),
-            "tolerances_percent": list(tolerances), "report_image_size": list(REPORT_SIZE),
+            "tolerances_percent": list(tolerances),
             "float": float_metrics, "changes": {path: {kind: {str(w): c for w, c in per.items()}
                                                        for kind, per in entry.items()} for path, entry in changes.items()},
-            "layer_sizes": sizes, "allocations": allocations, "uniform": uniform,
+            "allocations": allocations, "uniform": uniform,
             "seconds": time.perf_counter() - start}

@@ -27,12 +27,12 @@ def markdown(results: dict[str, Any]) -> str:
              f"{results['images']} validation images ({results['data']}), lambda {loss['lmbda']} ({loss['distortion']}). "
              "Changes: fractional change of that loss in percent with only one layer's weights (W) or output "
              "activations (A) quantized at that width. MACs/px and weights as the hardware report counts them "
-             "({}x{} image).".format(*results["report_image_size"]), "",
+             "({}x{} image).".format(*results["uniform"][0]["image_size"]), "",
              "| layer | MACs/px | weights | " + " | ".join(f"W{w}" for w in widths) + " | "
              + " | ".join(f"A{w}" for w in widths) + " | " + " | ".join(c["name"] for c in results["allocations"]) + " |",
              "|---" * (3 + 2 * len(widths) + len(results["allocations"])) + "|"]
     for path, change in results["changes"].items():
-        size = results["layer_sizes"][path]
+        size = results["uniform"][0]["layers"][path]
         lines.append(f"| {path} | {size['macs_per_pixel']:.1f} | {size['weights']:,} | "
                      + " | ".join(_percent(change["weight"][w]) for w in widths) + " | "
                      + " | ".join(_percent(change["activation"][w]) for w in widths) + " | "
