@@ -390,7 +390,7 @@ def checkpoint_fixed(saved: Mapping[str, Any], prepared: Collection[str]) -> dic
     fixed = {f"model.{key}": value for key, value in (saved.get("model") or {}).items()}
     hardware = saved.get("hardware") or {}
     if "scales" in prepared:  # a uniform checkpoint fixes its per-layer keys too: none
-        hardware = {**PER_LAYER_DEFAULTS, **hardware}
+        hardware = {**hardware, **{key: value for key, value in PER_LAYER_DEFAULTS.items() if key not in hardware}}
     keys = list(hardware) if "scales" in prepared else FLOAT_CHECKPOINT_HARDWARE_KEYS
     fixed.update({f"hardware.{key}": hardware[key] for key in keys if key in hardware})
     if "masks" in prepared:

@@ -15,7 +15,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, canonical_layers, checkpoint_fixed, hardware_config, model_config
+from .config import PER_LAYER_DEFAULTS, ConfigError, canonical_layers, checkpoint_fixed, hardware_config, model_config
 from .stage import STAGES
 
 # Keys a resumed run (ckpt_path=) may change: where and how it runs and what it writes, never
@@ -186,10 +186,19 @@ def init_from_config(cfg: DictConfig, checkpoint: dict[str, Any], overrides: lis
         group = key.split(".")[0]
         if not _sets(keys, key):
             OmegaConf.update(cfg, key, value, force_add=True)
-        elif key != "hardware.name" and not _same(key, _select(cfg, key), value):
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: init_from={path} has {key}={value!r}, fixed "
+        elif key != "hardware.name" and not _same(key, _command_line_value(cfg, key), value):
+            raise ConfigError(f"{key}={_command_line_value(cfg, key)!r}: init_from={path} has {key}={value!r}, fixed "
                               f"by {why[group]}{hint[group]}")
     return cfg
+
+
+def _command_line_value(cfg: DictConfig, key: str) -> Any:
+    """``key``'s value in ``cfg``; a per-layer hardware key that a hardware group leaves out has its default."""
+    value = _select(cfg, key)
+    group, _, name = key.partition(".")
+    if value is _ABSENT and group == "hardware" and name in PER_LAYER_DEFAULTS:
+        return PER_LAYER_DEFAULTS[name]
+    return value
 
 
 def _same(key: str, value: Any, fixed: Any) -> bool:
