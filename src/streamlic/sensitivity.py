@@ -155,15 +155,20 @@ def activations_at(layer: QuantLayer, spec: topology.LayerSpec, hw: HardwareConf
     A learned scale: ``act_absmax / (2**(A-1) - 1)`` from the tracked range, as QAT entry freezes it,
     and the A-bit clamp. A fixed-scale layer writes the latent grid: step ``2**-(A-8)`` and its A-bit
     range replace the 12-bit ones of the float stages; the scale index's channels (``pdf_index``) keep
-    theirs, as the index table, not A, sets their step.
+    theirs, as the index table, not A, sets their step. The layer reading the image sets the image's
+    range too (8-bit pixels kept whole from A = 9 on, halved at A = 8): its input is quantized as well.
     """
     if layer.fixed_scale is None:
         scale = fxp.activation_scale(torch.clamp(layer.act_absmax, min=SCALE_FLOOR * hw.act_max), hw)
-        handle = layer.register_forward_hook(lambda module, args, out: on_grid(out, scale, hw.act_max * scale))
+        handles = [layer.register_forward_hook(lambda module, args, out: on_grid(out, scale, hw.act_max * scale))]
+        if topology.producers().get(spec.path) == topology.IMAGE:  # the input is x - 0.5
+            handles.append(layer.register_forward_pre_hook(
+                lambda module, args: (fxp.quantize_image(args[0] + 0.5, hw) * fxp.image_scale(hw),)))
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         return
     step, bound = fxp.fixed_scale_range(hw, latent=spec.role == "latent")
     float_range = layer.float_range
