@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import shlex
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -235,8 +236,8 @@ def allocate(changes: dict[str, dict], widths: tuple[int, ...], tolerance: float
 
 
 def layer_overrides(chosen: dict[str, dict[str, int]], base: HardwareConfig, cfg: ModelConfig) -> dict[str, dict]:
-    """The ``hardware.layers`` mapping giving ``chosen`` over ``base``: a sub-network's key where all its weighted
-    layers agree, each layer's path elsewhere; values equal to ``base``'s are left out.
+    """The ``hardware.layers`` mapping giving ``chosen`` over ``base``: per sub-network and key, its most common
+    value under the sub-network's name (left out where it is ``base``'s) and each other one under its layer's path.
 
     The layers writing the latent grid take its width from the config's own rule (the entropy path's width,
     which the pdf-index layer's key sets), so theirs is not given.
@@ -247,10 +248,12 @@ def layer_overrides(chosen: dict[str, dict[str, int]], base: HardwareConfig, cfg
         for key in WIDTH_KEYS.values():
             values = {spec.path: chosen[spec.path][key] for spec in specs
                       if spec.weighted and not (key == "activation_bits" and spec.path in writers)}
-            keyed = {name: next(iter(values.values()))} if len(set(values.values())) == 1 else values
-            for target, value in keyed.items():
-                if value != getattr(base, key):
-                    overrides.setdefault(target, {})[key] = value
+            common = Counter(values.values()).most_common(1)[0][0]
+            if common != getattr(base, key):
+                overrides.setdefault(name, {})[key] = common
+            for path, value in values.items():
+                if value != common:
+                    overrides.setdefault(path, {})[key] = value
     return overrides
 
 
