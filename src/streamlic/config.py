@@ -90,6 +90,7 @@ class HardwareConfig:
                 f"hardware.accumulator_bits={self.accumulator_bits}: must lie in [A + W, 62] = [{a + w}, 62]"
             )
         object.__setattr__(self, "layers", canonical_layers(self.layers))
+        object.__setattr__(self, "_sources", {})  # the config key each layer's width comes from
         object.__setattr__(self, "_widths", self._resolve_widths())
         object.__setattr__(self, "_layer_configs", {})  # for_layer's configs, by (A, W, P)
         object.__setattr__(self, "_hash", hash(repr(self.to_dict())))
@@ -99,8 +100,8 @@ class HardwareConfig:
 
     # ------------------------------------------------------------------ per-layer widths
     def _resolve_widths(self) -> dict[str, tuple[int, int, int]]:
-        """(A, W, P) of every weighted layer and sub-network, each width checked under the key it came from."""
-        object.__setattr__(self, "_sources", {})  # the config key each layer's width comes from
+        """(A, W, P) of every weighted layer and sub-network (empty for a config without per-layer keys), each
+        width checked under the key it came from (kept in ``_sources``)."""
         if self.latent_bits is None and not self.layers:
             return {}
         paths, writers = _layer_paths()
