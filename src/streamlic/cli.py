@@ -1,4 +1,4 @@
-"""The streamlic command line: export, compress, decompress, eval and prepare-data (see README.md).
+"""The streamlic command line: export, compress, decompress, eval, prepare-data and sensitivity (see README.md).
 
 The parser imports nothing heavy: each command checks its paths first, then loads torch and
 the parts of the library it uses, so ``--help``, ``--version`` and path errors answer at once.
@@ -140,6 +140,24 @@ def _run_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_sensitivity(args: argparse.Namespace) -> int:
+    from .sensitivity_report import RESULT_FILES
+
+    # the outputs are checked before the study, not after it: a new folder's parent, an existing one's files
+    outputs = [args.out / name for name in RESULT_FILES] if args.out.is_dir() else [args.out]
+    _check_paths([args.checkpoint, *([args.data] if args.data else [])], outputs, args.force)
+    _start_torch(args)
+    from .sensitivity import run_study
+    from .sensitivity_report import markdown, write_results
+
+    results = run_study(args.checkpoint, args.data, args.widths, args.tolerances)
+    print(markdown(results))
+    args.out.mkdir(exist_ok=True)
+    written = write_results(results, args.out, args.force)
+    print(f"wrote {', '.join(map(str, written))} ({results['seconds']:.0f} s)")
+    return 0
+
+
 def _size(text: str) -> int | list[int]:
     """``256`` or ``256x192`` (height x width)."""
     parts = [int(part) for part in text.lower().split("x")]
@@ -220,6 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="source images per shard, the unit a rerun resumes at (default 16)")
     prepare.add_argument("--force", action="store_true", help="replace the store in a non-empty DST")
     prepare.set_defaults(func=_run_prepare_data)
+
+    sensitivity = sub.add_parser(
+        "sensitivity", help="RD-loss change per layer and bit width, and the per-layer widths it suggests",
+        description="Measure how much the validation RD loss of a stage-2-or-later checkpoint changes when only "
+                    "one layer's weights or activations are quantized at each width; allocate widths per "
+                    "tolerance; measure each allocation and the uniform w12a12 and w8a8 configs at QAT entry.")
+    sensitivity.add_argument("checkpoint", type=Path, help="stage-2-or-later stage checkpoint (stageN-*.ckpt)")
+    sensitivity.add_argument("--data", type=Path,
+                             help="folder of validation images (default: the checkpoint's run's validation set)")
+    sensitivity.add_argument("--widths", type=int, nargs="+",
+                             help="candidate bit widths of weights and activations (default: 8 10 12)")
+    sensitivity.add_argument("--tolerances", type=float, nargs="+",
+                             help="allowed RD-loss change per layer, in percent: one allocation each (default 0.5 1 2)")
+    sensitivity.add_argument("-o", "--out", type=Path, default=Path("sensitivity"),
+                             help="output folder for sensitivity.json, .md and .png (default ./sensitivity)")
+    sensitivity.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    sensitivity.set_defaults(func=_run_sensitivity)
     return parser
 
 

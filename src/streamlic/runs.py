@@ -152,13 +152,14 @@ def resume_config(cfg: DictConfig, record: dict[str, Any], overrides: list[str])
     return merged
 
 
-def model_state(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """The StreamLIC state dict inside a Lightning checkpoint (``model.`` prefix) or a plain state-dict file."""
+def model_state(checkpoint: dict[str, Any], path: str | Path, key: str = "init_from") -> dict[str, Any]:
+    """The StreamLIC state dict inside a Lightning checkpoint (``model.`` prefix) or a plain state-dict file
+    (``key``: the option that named it, for the error)."""
     state = checkpoint.get("state_dict", checkpoint)
     if any(isinstance(k, str) and k.startswith("model.") for k in state):
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     if not isinstance(state.get("_extra_state"), dict) or "config" not in state["_extra_state"]:
-        raise CheckpointError(f"init_from={path}: not a StreamLIC checkpoint (no model stage state in it)")
+        raise CheckpointError(f"{key}={path}: not a StreamLIC checkpoint (no model stage state in it)")
     return state
 
 
