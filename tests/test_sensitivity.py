@@ -161,3 +161,11 @@ def test_the_command_writes_json_table_and_plot_with_valid_allocations(tiny_run,
     overrides = [arg for arg in shlex.split(allocation["override"])[2:] if not arg.startswith("init_from=")]
     composed = compose_config(tmp_path / "compose", overrides)
     assert hardware_config(dict(composed.hardware)) == hardware_config(allocation["hardware"])
+    # and so do the hardware-group files the sweep line names
+    sweep = shlex.split(results["sweep"])
+    searchpath = next(arg for arg in sweep if arg.startswith("hydra.searchpath="))
+    names = next(arg for arg in sweep if arg.startswith("hardware=")).split("=")[1].split(",")
+    assert names == ["beta0.5", "beta1", "beta2", "w12a12", "w8a8"]
+    for record in results["allocations"] + results["uniform"]:
+        composed = compose_config(tmp_path / "compose", [searchpath, f"hardware={record['hardware']['name']}"])
+        assert hardware_config(dict(composed.hardware)) == hardware_config(record["hardware"])

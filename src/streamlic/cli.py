@@ -141,19 +141,20 @@ def _run_prepare_data(args: argparse.Namespace) -> int:
 
 
 def _run_sensitivity(args: argparse.Namespace) -> int:
-    from .sensitivity_report import RESULT_FILES
+    from .sensitivity_report import HARDWARE_GROUP, RESULT_FILES
 
     # the outputs are checked before the study, not after it: a new folder's parent, an existing one's files
-    outputs = [args.out / name for name in RESULT_FILES] if args.out.is_dir() else [args.out]
+    outputs = ([*(args.out / name for name in RESULT_FILES), *(args.out / HARDWARE_GROUP).glob("*.yaml")]
+               if args.out.is_dir() else [args.out])
     _check_paths([args.checkpoint, *([args.data] if args.data else [])], outputs, args.force)
     _start_torch(args)
     from .sensitivity import run_study
     from .sensitivity_report import markdown, write_results
 
-    results = run_study(args.checkpoint, args.data, args.widths, args.tolerances)
-    print(markdown(results))
+    results = run_study(args.checkpoint, args.data, args.widths, args.tolerances, args.crop)
     args.out.mkdir(exist_ok=True)
     written = write_results(results, args.out, args.force)
+    print(markdown(results))
     print(f"wrote {', '.join(map(str, written))} ({results['seconds']:.0f} s)")
     return 0
 
@@ -247,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("checkpoint", type=Path, help="stage-2-or-later stage checkpoint (stageN-*.ckpt)")
     sensitivity.add_argument("--data", type=Path,
                              help="folder of validation images (default: the checkpoint's run's validation set)")
+    sensitivity.add_argument("--crop", type=_size,
+                             help="validation centre crop, 256 or 256x384 (default: the run's data.val_patch_size); "
+                                  "more pixels, less noise in the changes")
     sensitivity.add_argument("--widths", type=int, nargs="+",
                              help="candidate bit widths of weights and activations (default: 8 10 12)")
     sensitivity.add_argument("--tolerances", type=float, nargs="+",

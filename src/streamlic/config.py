@@ -178,10 +178,6 @@ class HardwareConfig:
         """The datapath of the latent grid: the symbols, mu and y_hat are formed and clamped at its width."""
         return self.for_layer(PDF_INDEX_PATH)
 
-    def layer_widths(self, paths: Collection[str]) -> dict[str, dict[str, int]]:
-        """``{path: {"activation_bits": A, "weight_bits": W, "precision_bits": P}}`` of each path."""
-        return {path: {key: getattr(self.for_layer(path), key) for key in WIDTH_KEYS} for path in paths}
-
     @property
     def residual_bits(self) -> int:
         return self.precision_bits - self.activation_bits

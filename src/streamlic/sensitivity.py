@@ -82,14 +82,16 @@ def read_source(path: Path) -> Source:
                   dict(checkpoint.get("datamodule_hyper_parameters") or {}))
 
 
-def validation_loader(source: Source, folder: Path | None):
-    """The validation set of the checkpoint's run (the demo photos' without one), or ``folder``'s images
-    at the run's validation crop and batch size."""
+def validation_loader(source: Source, folder: Path | None, crop: int | None = None):
+    """The validation set of the checkpoint's run (the demo photos' without one), or ``folder``'s images,
+    at the run's validation crop (or ``crop``: the run's ``data.val_patch_size`` then) and batch size."""
     from .data import StreamLICDataModule
 
     settings = dict(source.data or {"source": "demo"})
     if folder is not None:
         settings.update(source="folder", val_dir=str(folder))
+    if crop is not None:
+        settings.update(val_patch_size=crop)
     datamodule = StreamLICDataModule(**settings)
     datamodule.setup("validate")
     return datamodule.val_dataloader()
@@ -294,9 +296,9 @@ def hardware_cost(model: StreamLIC) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the study
 
 def run_study(checkpoint: Path, data: Path | None = None, widths: Sequence[int] | None = None,
-              tolerances: Sequence[float] | None = None) -> dict[str, Any]:
+              tolerances: Sequence[float] | None = None, crop: int | None = None) -> dict[str, Any]:
     """Measure every layer, allocate per tolerance, measure the allocations and the uniform configs at QAT entry
-    (``None``: :data:`WIDTHS`, :data:`TOLERANCES`)."""
+    (``None``: :data:`WIDTHS`, :data:`TOLERANCES`, the run's validation crop)."""
     from .lightning_module import StreamLICModule
 
     start = time.perf_counter()
@@ -311,7 +313,7 @@ def run_study(checkpoint: Path, data: Path | None = None, widths: Sequence[int] 
         cfg.validate_against(widest)
     except ConfigError as err:
         raise ConfigError(f"--widths {widths[-1]}: too wide for this model ({err})") from None
-    loader = validation_loader(source, data)
+    loader = validation_loader(source, data, crop)
 
     def evaluate(model: StreamLIC) -> dict[str, float]:
         return StreamLICModule(model, **source.loss).evaluate(loader)
@@ -341,7 +343,7 @@ def run_study(checkpoint: Path, data: Path | None = None, widths: Sequence[int] 
     uniform = [measured(hw.name, hw, None) for hw in UNIFORM]
     return {"checkpoint": str(checkpoint), "stage": source.stage,
             "data": str(data) if data is not None else f"the run's validation set ({source.data.get('source', 'demo')})",
-            "images": len(loader.dataset), "loss": source.loss, "widths": list(widths),
+            "images": len(loader.dataset), "crop": crop, "loss": source.loss, "widths": list(widths),
             "tolerances_percent": list(tolerances),
             "float": float_metrics, "changes": {path: {kind: {str(w): c for w, c in per.items()}
                                                        for kind, per in entry.items()} for path, entry in changes.items()},

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 JSON_FILE, MARKDOWN_FILE, PLOT_FILE = RESULT_FILES = ("sensitivity.json", "sensitivity.md", "sensitivity.png")
+HARDWARE_GROUP = "hardware"  # the allocations as options of Hydra's hardware group: <out>/hardware/<name>.yaml
 
 
 def _percent(value: float | None) -> str:
@@ -48,7 +49,17 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{qat['psnr']:.2f} |")
     lines += ["", "Training an allocation from the checkpoint:", ""]
     lines += [f"- {config['name']}: `{config['override']}`" for config in results["allocations"]]
+    if "sweep" in results:
+        lines += ["", "Or every config, as options of the hardware group, with two seeds:", "",
+                  f"`{results['sweep']}`"]
     return "\n".join(lines) + "\n"
+
+
+def sweep_line(results: dict[str, Any], out_dir: Path) -> str:
+    """The multirun that trains every allocation and the uniform configs from the checkpoint, two seeds each."""
+    names = ",".join(dict.fromkeys(config["hardware"]["name"] for config in results["allocations"] + results["uniform"]))
+    return (f"python train.py -m init_from={results['checkpoint']} hydra.searchpath=[file://{out_dir.resolve()}] "
+            f"hardware={names} seed=0,1")
 
 
 def plot(results: dict[str, Any], target) -> None:
@@ -76,11 +87,25 @@ def plot(results: dict[str, Any], target) -> None:
 
 
 def write_results(results: dict[str, Any], out_dir: Path, force: bool) -> list[Path]:
-    """sensitivity.json, sensitivity.md and sensitivity.png in ``out_dir``, each written whole or not at all."""
+    """sensitivity.json, sensitivity.md, sensitivity.png and each allocation's ``hardware/<name>.yaml`` (a config
+    of Hydra's hardware group, found with ``hydra.searchpath``) in ``out_dir``, each written whole or not at all.
+    Adds the multirun that trains them (``sweep``) to ``results``."""
+    import yaml
+
     from .codec.io import write_atomically
 
+    group = out_dir / HARDWARE_GROUP
+    group.mkdir(exist_ok=True)
+    written = []
+    for config in results["allocations"]:
+        path = group / f"{config['hardware']['name']}.yaml"
+        text = f"# {config['name']}: made by streamlic sensitivity from {results['checkpoint']}\n" + yaml.safe_dump(
+            config["hardware"], sort_keys=False)
+        write_atomically(path, lambda f, text=text: f.write(text.encode()), force)
+        written.append(path)
+    results["sweep"] = sweep_line(results, out_dir)
     text = markdown(results)
-    written = [out_dir / name for name in RESULT_FILES]
+    written = [*(out_dir / name for name in RESULT_FILES), *written]
     write_atomically(written[0], lambda f: f.write(json.dumps(results, indent=2).encode()), force)
     write_atomically(written[1], lambda f: f.write(text.encode()), force)
     write_atomically(written[2], lambda f: plot(results, f), force)
