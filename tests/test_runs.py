@@ -161,18 +161,26 @@ def test_init_from_a_float_checkpoint_trains_per_layer_widths_that_the_qat_check
 
 
 @pytest.mark.slow
-def test_a_context_engine_of_mixed_widths_trains_and_its_export_is_one_error_line(hardware_runs, tmp_path):
+def test_a_context_engine_of_mixed_widths_is_refused_before_training_unless_export_is_off(hardware_runs, tmp_path):
     stage2 = hardware_runs / "w12a12" / "checkpoints" / STAGE_CHECKPOINT_NAMES["mask"]
     out = tmp_path / "run"
-    done = run_script([*NOT_FROM_CHECKPOINT, *schedule(), f"init_from={stage2}", "export=true", "test=false",
-                       "+hardware.layers.entropy_parameters.activation_bits=8", "trainer.max_epochs=3",
-                       "trainer.limit_train_batches=2", f"hydra.run.dir={out}"], timeout=300)
+    args = [*NOT_FROM_CHECKPOINT, *schedule(), f"init_from={stage2}", "test=false",
+            "+hardware.layers.entropy_parameters.activation_bits=8", "trainer.max_epochs=3",
+            "trainer.limit_train_batches=2", f"hydra.run.dir={out}"]
+    done = run_script([*args, "export=true"], timeout=300)
     assert done.returncode == 1
-    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
-    assert len(errors) == 1 and errors[0].startswith(
-        "ERROR run failed: export: the context engine runs on one width, but its layers differ: "
-        "context_prediction.1 A=12 W=12 P=16"), done.stderr[-3000:]
-    assert "entropy_parameters.2 A=8" in errors[0]
+    assert done.stderr.strip().splitlines() == [
+        "ERROR the context engine runs on one width, but its layers differ: context_prediction.1 A=12 W=12 P=16 "
+        "(hardware.activation_bits, hardware.weight_bits); context_prediction.3 A=8 W=12 P=12 (hardware.layers."
+        "entropy_parameters.activation_bits, hardware.weight_bits); entropy_parameters.0 A=8 W=12 P=12 "
+        "(hardware.layers.entropy_parameters.activation_bits, hardware.weight_bits); entropy_parameters.2 A=8 W=12 "
+        "P=12 (hardware.layers.entropy_parameters.activation_bits, hardware.weight_bits); give them the same "
+        "hardware.layers widths (ctx2 and ep write the latent grid: hardware.latent_bits); or export=false to train "
+        "it without a hardware package"], done.stderr[-3000:]
+    assert not out.exists()  # refused before anything was written
+    # without the package it trains (`streamlic export` of its checkpoint is the same refusal: test_layer_widths)
+    done = run_script([*args, "export=false"], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert (results["stage"], results["status"]) == ("qat", "failed: export")
-    assert (out / "checkpoints" / STAGE_CHECKPOINT_NAMES["qat"]).is_file()  # what trained is kept
+    assert (results["stage"], results["status"]) == ("qat", "finished")
+    assert (out / "checkpoints" / STAGE_CHECKPOINT_NAMES["qat"]).is_file()

@@ -373,6 +373,29 @@ W12A12 = HardwareConfig()
 W8A8 = HardwareConfig(activation_bits=8, weight_bits=8, precision_bits=12, name="w8a8")
 
 
+# the row engine's layers that share its one datapath: ctx1, ctx2, the channel addition and ep
+CONTEXT_ENGINE = (CTX1, CTX2, "summed", EP)
+
+
+def context_engine_widths(hw: HardwareConfig, model_cfg: ModelConfig) -> tuple[dict[str, str], dict[str, int]]:
+    """The context engine's layers (by short name) and the one set of widths the FPGA engine is built for.
+
+    The engine runs ctx1, ctx2, the channel addition and ep on one datapath: a config that gives
+    them different widths is a ConfigError naming each layer's widths and the keys they come from.
+    """
+    from .formats import layer_bit_widths
+
+    paths = {name: path for name, path in topology.row_engine_paths(model_cfg).items() if name in CONTEXT_ENGINE}
+    widths = layer_bit_widths(hw, paths.values())
+    if len({tuple(w.values()) for w in widths.values()}) > 1:
+        shown = "; ".join(f"{path} A={widths[path]['activation']} W={widths[path]['weight']} "
+                          f"P={widths[path]['precision']} ({', '.join(dict.fromkeys(hw.width_keys(path).values()))})"
+                          for path in paths.values())
+        raise ConfigError(f"the context engine runs on one width, but its layers differ: {shown}; give them the "
+                          "same hardware.layers widths (ctx2 and ep write the latent grid: hardware.latent_bits)")
+    return paths, {**widths[paths[EP]], "latent": hw.latent_width}
+
+
 # Before QAT no integer exists: a float checkpoint fits every datapath of its block size (the
 # statistics and masks are PI x PO blocks); from QAT on its scales were captured for its own bit widths.
 FLOAT_CHECKPOINT_HARDWARE_KEYS = ("block_in", "block_out")

@@ -15,7 +15,8 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from .config import PER_LAYER_DEFAULTS, ConfigError, canonical_layers, checkpoint_fixed, hardware_config, model_config
+from .config import (PER_LAYER_DEFAULTS, ConfigError, canonical_layers, checkpoint_fixed, context_engine_widths,
+                     hardware_config, model_config)
 from .stage import STAGES
 
 # Keys a resumed run (ckpt_path=) may change: where and how it runs and what it writes, never
@@ -62,9 +63,15 @@ def check_config(cfg: DictConfig) -> None:
             checkpoint_file(cfg[key], key)
     if not cfg.get("ckpt_path") and isinstance(cfg.get("hardware"), DictConfig):  # a resumed run keeps its own
         # the widths (global and per layer) and the accumulator, checked again when the network is built
-        model = cfg.get("model")
-        model_config(OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else None
-                     ).validate_against(hardware_config(OmegaConf.to_container(cfg.hardware, resolve=True)))
+        model = model_config(OmegaConf.to_container(cfg.model, resolve=True)
+                             if isinstance(cfg.get("model"), DictConfig) else None)
+        hardware = hardware_config(OmegaConf.to_container(cfg.hardware, resolve=True))
+        model.validate_against(hardware)
+        if cfg.get("export"):  # refused now, not after training: the package is what the run exists for
+            try:
+                context_engine_widths(hardware, model)
+            except ConfigError as err:
+                raise ConfigError(f"{err}; or export=false to train it without a hardware package") from None
 
 
 def checkpoint_file(path: str | Path, key: str) -> Path:

@@ -21,8 +21,7 @@ from torch import Tensor
 
 from .. import fixedpoint as fxp
 from .. import topology
-from ..config import HardwareConfig, ModelConfig
-from ..formats import layer_bit_widths
+from ..config import ConfigError, HardwareConfig, ModelConfig, context_engine_widths
 from ..integer_layers import block_mask
 from ..params import ExportError
 
@@ -41,25 +40,14 @@ def sparse_layer_info(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, 
     return info
 
 
-# the row engine's layers that share its one datapath: ctx1, ctx2, the channel addition and ep
-CONTEXT_ENGINE = (topology.CTX1, topology.CTX2, "summed", topology.EP)
-
-
 def context_engine(hw: HardwareConfig, model_cfg: ModelConfig) -> dict[str, Any]:
-    """The manifest's ``context_engine``: its layers and the one set of widths the FPGA engine is built for.
-
-    The engine runs ctx1, ctx2, the channel addition and ep on one datapath: a config that gives
-    them different widths trains, but is refused here (one line naming each layer's widths and keys).
-    """
-    paths = {name: path for name, path in topology.row_engine_paths(model_cfg).items() if name in CONTEXT_ENGINE}
-    widths = layer_bit_widths(hw, paths.values())
-    if len({tuple(w.values()) for w in widths.values()}) > 1:
-        shown = "; ".join(f"{path} A={widths[path]['activation']} W={widths[path]['weight']} "
-                          f"P={widths[path]['precision']} ({', '.join(dict.fromkeys(hw.width_keys(path).values()))})"
-                          for path in paths.values())
-        raise ExportError(f"the context engine runs on one width, but its layers differ: {shown}; give them the "
-                          "same hardware.layers widths (ctx2 and ep write the latent grid: hardware.latent_bits)")
-    return {"layers": paths, "bit_widths": {**widths[paths[topology.EP]], "latent": hw.latent_width}}
+    """The manifest's ``context_engine``: its layers and the one set of widths the FPGA engine is built for
+    (:func:`streamlic.config.context_engine_widths`; a config whose engine layers differ is refused)."""
+    try:
+        paths, widths = context_engine_widths(hw, model_cfg)
+    except ConfigError as err:
+        raise ExportError(str(err)) from None
+    return {"layers": paths, "bit_widths": widths}
 
 
 def active_blocks(mask: Tensor, hw: HardwareConfig) -> list[list[tuple[int, int, int]]]:
