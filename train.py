@@ -65,6 +65,18 @@ def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    """Lightning's Trainer of ``cfg.trainer``; settings this machine cannot run (``trainer=gpu`` without a GPU,
+    more devices than it has) are a ConfigError naming them, before anything is trained."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return _instantiate(cfg.trainer, _partial_=True)(callbacks=callbacks, logger=loggers or False)
+    except MisconfigurationException as err:
+        raise ConfigError(f"trainer.accelerator={cfg.trainer.get('accelerator')}, trainer.devices="
+                          f"{cfg.trainer.get('devices')}: {err} (trainer=cpu trains on the CPU)") from None
+
+
 def build_model(cfg: DictConfig) -> StreamLIC:
     """The network of ``cfg.net``; every hardware/model/sparsity constraint is checked here."""
     return _instantiate(cfg.net, _convert_="all")
@@ -235,7 +247,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = _instantiate(cfg.module, _partial_=True)(model=model)
     callbacks = [*build_callbacks(cfg, start_stage), RunRecord(OmegaConf.to_container(cfg), invocations)]
     loggers = build_loggers(cfg)
-    trainer: L.Trainer = _instantiate(cfg.trainer, _partial_=True)(callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, callbacks, loggers)
     output_dir = Path(cfg.paths.output_dir)
     results: dict[str, Any] = {"overrides": overrides, "output_dir": str(output_dir), "init_from": cfg.init_from,
                                "status": "finished", "invocations": invocations}

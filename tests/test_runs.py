@@ -102,6 +102,9 @@ def test_a_checkpoint_config_mismatch_is_one_error_line(hardware_runs, tmp_path,
      "(hardware.latent_bits, else the width of entropy_parameters.2); set hardware.latent_bits instead"),
     (["+hardware.layers.g_a.act_bits=8"], "ERROR hardware.layers.g_a.act_bits=8: not a width key of a layer or "
      "sub-network (hardware.layers.<sub-network or layer path>.<activation_bits | weight_bits | precision_bits>)"),
+    pytest.param(["trainer=gpu", "model=tiny"], "ERROR trainer.accelerator=gpu, trainer.devices=1: No supported gpu "
+                 "backend found! (trainer=cpu trains on the CPU)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")),
 ])
 def test_a_command_line_mistake_is_one_error_line_and_leaves_nothing(tmp_path, overrides, error):
     files = tmp_path / "files"
