@@ -6,7 +6,8 @@
 # RESEARCH_DIR: a folder with the research code's StreamLIC_Q.py and qat_utils.py (never committed),
 # timed side by side; WHEEL_DIR: wheels to install first where the machine lacks packages (offline).
 # Steps: the compiled-vs-eager integer test on the GPU, per-stage step times eager and compiled
-# (CUDA graphs), Lightning throughput eager and compiled, and the dispatch/kernel counts.
+# (CUDA graphs), Lightning throughput eager and compiled, the dispatch/kernel counts, and the end-to-end
+# training rate from PNG folders vs the patch store (bench/loader.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 research=${1:-}
@@ -28,4 +29,6 @@ python bench/train_throughput.py --accelerator gpu --batch-size 16 --steps 50 --
 python bench/train_throughput.py --accelerator gpu --batch-size 16 --steps 50 --workers 8 --compile \
     >"$out/throughput_compiled.txt" 2>&1 || true
 python bench/op_count.py "${with_research[@]}" --compile >"$out/op_count.txt" 2>&1 || true
+# the tiny model's training from PNGs vs the patch store on the GPU: the loader's ratio, no longer the CPU step's
+OMP_NUM_THREADS=1 python bench/loader.py --accelerator gpu --batch-size 16 --steps 20 >"$out/loader.txt" 2>&1 || true
 tail -n 20 "$out"/*.txt

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,16 +96,18 @@ def _store_item(key: tuple[str, int]) -> dict[str, np.ndarray]:
     return {"crop": np.array(PatchStore(path)[index])}
 
 
-def training_rate(train, cfg, steps: int, warmup: int) -> float:
+def training_rate(train, cfg, steps: int, warmup: int, accelerator: str = "cpu") -> float:
     """Images per second of stage-1 training steps of ``cfg`` through Lightning, data loading included."""
     L.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module, _partial_=True)(model=train.build_model(cfg))
     timer = ThroughputTimer(warmup)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=warmup + steps,
+    trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=1, limit_train_batches=warmup + steps,
                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
     trainer.fit(module, datamodule=datamodule)
+    if timer.end is None:
+        sys.exit(f"ERROR the epoch has fewer than {warmup + steps} batches: give more --files or fewer --steps")
     return timer.images / (timer.end - timer.start)
 
 
@@ -115,6 +118,8 @@ def main() -> None:
     parser.add_argument("--store-crops", type=int, default=4000, help="crops timed per store row")
     parser.add_argument("--batch-size", type=int, default=8, help="training batch of the end-to-end rows")
     parser.add_argument("--steps", type=int, default=6, help="timed training steps (after 2 untimed)")
+    parser.add_argument("--accelerator", default="cpu", help="of the end-to-end rows: cpu, or gpu (the loader "
+                                                               "stays on the CPU, so the ratio there is the loader's)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -159,7 +164,7 @@ def main() -> None:
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             for name, overrides in sources.items():
                 cfg = compose("config", overrides=[*overrides, *common])
-                training[name] = training_rate(train, cfg, args.steps, warmup=2)
+                training[name] = training_rate(train, cfg, args.steps, warmup=2, accelerator=args.accelerator)
                 print(f"tiny model training from {name:<30} {training[name]:10.2f} images/s")
 
     png = rows[0][1]
@@ -167,7 +172,7 @@ def main() -> None:
     print(f"{'source':<52} {'crops/s':>10} {'x PNG':>8}")
     for name, rate in rows:
         print(f"{name:<52} {rate:10.1f} {rate / png:8.1f}")
-    print(f"\nend to end, tiny model, batch {args.batch_size}, {CROP}x{CROP}, loader workers 0:")
+    print(f"\nend to end on {args.accelerator}, tiny model, batch {args.batch_size}, {CROP}x{CROP}, loader workers 0:")
     print(f"{'training data':<52} {'images/s':>10} {'store is':>10}")
     for name, rate in training.items():
         print(f"{name:<52} {rate:10.2f} {training['patch store'] / rate:9.1f}x")
