@@ -139,7 +139,13 @@ def test_the_command_writes_json_table_and_plot_with_valid_allocations(tiny_run,
     assert all(set(c[kind]) == {"8", "10", "12"} for c in results["changes"].values() for kind in ("weight", "activation"))
     assert [a["name"] for a in results["allocations"]] == ["beta=0.5%", "beta=1%", "beta=2%"]
     assert [u["name"] for u in results["uniform"]] == ["w12a12", "w8a8"]
+    # the resolution: the largest |change| at the widest width, named with its layer; the table states it
+    assert results["resolution"]["change"] == max(abs(c[kind]["12"]) for c in results["changes"].values()
+                                                  for kind in ("weight", "activation"))
+    assert abs(results["changes"][results["resolution"]["layer"]][results["resolution"]["kind"]]["12"]) == \
+        results["resolution"]["change"]
     table = (out / MARKDOWN_FILE).read_text()
+    assert f"Resolution: {100 * results['resolution']['change']:.2f} %" in table
     assert table in done.stdout and all(f"| {path} |" in table for path in results["changes"])
     assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for record in results["allocations"] + results["uniform"]:

@@ -211,6 +211,14 @@ def measure_layers(model: StreamLIC, loss: Callable[[], float], widths: tuple[in
     return changes
 
 
+def measurement_resolution(changes: dict[str, dict], widths: tuple[int, ...]) -> dict[str, Any]:
+    """The largest |change| at the widest candidate width, where a layer's quantization is nearly exact: what the
+    validation set's loss moves by for any small perturbation. Tolerances below it choose on noise."""
+    change, path, kind = max((abs(entry[kind][widths[-1]]), path, kind)
+                             for path, entry in changes.items() for kind in QUANTIZED)
+    return {"change": change, "layer": path, "kind": kind, "bits": widths[-1]}
+
+
 # ---------------------------------------------------------------------------- allocations
 
 def allocate(changes: dict[str, dict], widths: tuple[int, ...], tolerance: float,
@@ -335,8 +343,13 @@ def run_study(checkpoint: Path, data: Path | None = None, widths: Sequence[int] 
                  100 * record["qat_entry"]["change"])
         return record
 
+    resolution = measurement_resolution(changes, widths)
     allocations = []
     for tolerance in tolerances:
+        if tolerance / 100 < resolution["change"]:
+            log.warning("--tolerances %g: below the study's resolution, %.2f %% (%s's %s at %d bits): its allocation "
+                        "chooses on noise; use more validation pixels (--crop, --data)", tolerance,
+                        100 * resolution["change"], resolution["layer"], resolution["kind"], widths[-1])
         chosen = allocate(changes, widths, tolerance, cfg)
         allocations.append(measured(f"beta={tolerance:g}%", allocation_config(chosen, f"beta{tolerance:g}", cfg),
                                     tolerance))
@@ -344,7 +357,7 @@ def run_study(checkpoint: Path, data: Path | None = None, widths: Sequence[int] 
     return {"checkpoint": str(checkpoint), "stage": source.stage,
             "data": str(data) if data is not None else f"the run's validation set ({source.data.get('source', 'demo')})",
             "images": len(loader.dataset), "crop": crop, "loss": source.loss, "widths": list(widths),
-            "tolerances_percent": list(tolerances),
+            "tolerances_percent": list(tolerances), "resolution": resolution,
             "float": float_metrics, "changes": {path: {kind: {str(w): c for w, c in per.items()}
                                                        for kind, per in entry.items()} for path, entry in changes.items()},
             "allocations": allocations, "uniform": uniform,

@@ -38,6 +38,13 @@ def markdown(results: dict[str, Any]) -> str:
                      + " | ".join(_percent(change["weight"][w]) for w in widths) + " | "
                      + " | ".join(_percent(change["activation"][w]) for w in widths) + " | "
                      + " | ".join(_widths(c["layers"][path]) for c in results["allocations"]) + " |")
+    if "resolution" in results:
+        low = [f"{t:g} %" for t in results["tolerances_percent"] if t / 100 < results["resolution"]["change"]]
+        resolution = results["resolution"]
+        lines += ["", f"Resolution: {100 * resolution['change']:.2f} % (the largest change at {resolution['bits']} "
+                  f"bits: {resolution['layer']}, {resolution['kind']}); "
+                  + (f"the allocations of tolerance {', '.join(low)} choose on noise: measure on more validation "
+                     "pixels (--crop, --data)." if low else "every tolerance lies above it.")]
     lines += ["", "Bit cost: Σ MACs/px × W × A_in (multiplier-area proxy); weight memory: Σ weights × W. "
               "RD-loss change at QAT entry: the whole config quantized, against the float loss.", "",
               "| config | L | bit cost | weight memory [kbit] | RD-loss change at QAT entry [%] | bpp | PSNR |",
