@@ -35,7 +35,7 @@ from .config import W8A8, W12A12, ConfigError, HardwareConfig, ModelConfig, mode
 from .export.report import hardware_report
 from .kinds import kind_of
 from .layers import LAGC, QuantLayer
-from .layers.quant import SCALE_FLOOR, QuantizeWeight, weight_scale_of
+from .layers.quant import QuantizeWeight, activation_scale_of, weight_scale_of
 from .model import StreamLIC
 from .runs import CheckpointError, load_checkpoint, model_state
 from .stage import Stage
@@ -162,7 +162,7 @@ def activations_at(layer: QuantLayer, spec: topology.LayerSpec, hw: HardwareConf
     range too (8-bit pixels kept whole from A = 9 on, halved at A = 8): its input is quantized as well.
     """
     if layer.fixed_scale is None:
-        scale = fxp.activation_scale(torch.clamp(layer.act_absmax, min=SCALE_FLOOR * hw.act_max), hw)
+        scale = activation_scale_of(layer.act_absmax, hw)
         handles = [layer.register_forward_hook(lambda module, args, out: on_grid(out, scale, hw.act_max * scale))]
         if topology.producers().get(spec.path) == topology.IMAGE:  # the input is x - 0.5
             handles.append(layer.register_forward_pre_hook(
