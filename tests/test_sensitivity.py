@@ -112,6 +112,16 @@ def test_a_stage_1_checkpoint_is_one_error_line(tiny_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_that_is_a_file_is_refused_before_the_study(tiny_run, tmp_path):
+    taken = tmp_path / "results.txt"
+    taken.write_text("kept")
+    done = _command(tiny_run / STAGE_CHECKPOINT_NAMES["mask"], "-o", taken, "--force")
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 1 and lines == [f"ERROR {taken}: not a folder (-o names the folder of the study's "
+                                              "outputs)"], lines
+    assert taken.read_text() == "kept"
+
+
 def _independent_uniform_cost(stage2, bits: int, image_size) -> tuple[float, int]:
     """Σ MACs/px × W × A_in and Σ weights × W of a uniform config, from the topology table and the tensors."""
     state = StreamLIC.checkpoint_state_dict(stage2)
