@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 WIDTHS = (8, 10, 12)
 TOLERANCES = (0.5, 1.0, 2.0)  # percent of the float model's RD loss
 UNIFORM = (W12A12, W8A8)  # the reference points, conf/hardware/w12a12.yaml and w8a8.yaml
-QUANTIZED = ("weight", "activation")
-WIDTH_KEYS = {"weight": "weight_bits", "activation": "activation_bits"}
+# what is quantized, one at a time, and the hardware.layers key of its width (config.WIDTH_KEYS lists them all)
+LAYER_WIDTH_KEY = {"weight": "weight_bits", "activation": "activation_bits"}
+QUANTIZED = tuple(LAYER_WIDTH_KEY)
 
 
 @dataclass
@@ -225,7 +226,7 @@ def allocate(changes: dict[str, dict], widths: tuple[int, ...], tolerance: float
     def lowest(path: str, kind: str) -> int:
         return min((w for w in widths if changes[path][kind][w] <= tolerance / 100), default=max(widths))
 
-    chosen = {path: {WIDTH_KEYS[kind]: lowest(path, kind) for kind in QUANTIZED} for path in changes}
+    chosen = {path: {LAYER_WIDTH_KEY[kind]: lowest(path, kind) for kind in QUANTIZED} for path in changes}
     engine = list(topology.sparse_paths(cfg).values())
     on_latent_grid = engine + [spec.path for spec in topology.layers(cfg) if spec.fixed_scale and spec.path not in engine]
     engine_weight_bits = max(chosen[path]["weight_bits"] for path in engine)
@@ -247,7 +248,7 @@ def layer_overrides(chosen: dict[str, dict[str, int]], base: HardwareConfig, cfg
     writers = {spec.path for spec in topology.layers(cfg) if spec.fixed_scale and spec.role != "pdf_index"}
     overrides: dict[str, dict[str, int]] = {}
     for name, specs in topology.network(cfg).items():
-        for key in WIDTH_KEYS.values():
+        for key in LAYER_WIDTH_KEY.values():
             values = {spec.path: chosen[spec.path][key] for spec in specs
                       if spec.weighted and not (key == "activation_bits" and spec.path in writers)}
             common = Counter(values.values()).most_common(1)[0][0]
