@@ -158,9 +158,10 @@ def activations_at(layer: QuantLayer, spec: topology.LayerSpec, hw: HardwareConf
 
     A learned scale: ``act_absmax / (2**(A-1) - 1)`` from the tracked range, as QAT entry freezes it,
     and the A-bit clamp. A fixed-scale layer writes the latent grid: step ``2**-(A-8)`` and its A-bit
-    range replace the 12-bit ones of the float stages; the scale index's channels (``pdf_index``) keep
-    theirs, as the index table, not A, sets their step. The layer reading the image sets the image's
-    range too (8-bit pixels kept whole from A = 9 on, halved at A = 8): its input is quantized as well.
+    range (y's: the symbol range ``127 * 2**(A-8)``) replace the 12-bit ones of the float stages; the
+    scale index's channels (``pdf_index``) keep theirs, as the index table, not A, sets their step. The
+    layer reading the image sets the image's range too (8-bit pixels kept whole from A = 9 on, halved
+    at A = 8): its input is quantized as well.
     """
     if layer.fixed_scale is None:
         scale = activation_scale_of(layer.act_absmax, hw)
