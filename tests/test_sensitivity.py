@@ -16,7 +16,8 @@ from callbacks import STAGE_CHECKPOINT_NAMES
 from streamlic import StreamLIC, topology
 from streamlic.config import ModelConfig, hardware_config
 from streamlic.layers import LAGC
-from streamlic.sensitivity import allocate, allocation_config, measure_layers, uniform_config, weighted_specs, weights_at
+from streamlic.sensitivity import (allocate, allocation_config, measure_layers, run_study, uniform_config,
+                                  weighted_specs, weights_at)
 from streamlic.sensitivity_report import JSON_FILE, MARKDOWN_FILE, PLOT_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,6 +121,18 @@ def test_an_output_that_is_a_file_is_refused_before_the_study(tiny_run, tmp_path
     assert done.returncode == 1 and lines == [f"ERROR {taken}: not a folder (-o names the folder of the study's "
                                               "outputs)"], lines
     assert taken.read_text() == "kept"
+
+
+def test_every_measured_config_keeps_the_checkpoints_block_size(tmp_path):
+    # a run at 8x8 blocks: its masks are cut in them, so an allocation or a reference point at the default
+    # 12x12 blocks could not even load its weights
+    out = tmp_path / "blocks8"
+    run_training(out, [*TINY, *schedule(aun=1, mask=1), "schedule.max_epochs=2", "test=false",
+                       "hardware.block_in=8", "hardware.block_out=8"])
+    results = run_study(out / "checkpoints" / STAGE_CHECKPOINT_NAMES["mask"], widths=(8, 12), tolerances=(1.0,))
+    configs = results["allocations"] + results["uniform"]
+    assert [config["name"] for config in configs] == ["beta=1%", "w12a12", "w8a8"]
+    assert all((config["hardware"]["block_in"], config["hardware"]["block_out"]) == (8, 8) for config in configs)
 
 
 def _independent_uniform_cost(stage2, bits: int, image_size) -> tuple[float, int]:

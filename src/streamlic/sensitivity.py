@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import fixedpoint as fxp
 from . import topology
-from .config import W8A8, W12A12, ConfigError, HardwareConfig, ModelConfig, model_config
+from .config import W8A8, W12A12, ConfigError, HardwareConfig, ModelConfig, hardware_config, model_config
 from .export.report import hardware_report
 from .kinds import kind_of
 from .layers import LAGC, QuantLayer
@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 WIDTHS = (8, 10, 12)
 TOLERANCES = (0.5, 1.0, 2.0)  # percent of the float model's RD loss
 UNIFORM = (W12A12, W8A8)  # the reference points, conf/hardware/w12a12.yaml and w8a8.yaml
+# what every config the study builds keeps of the checkpoint's own: the block size its masks are cut in and the
+# accumulator, multiplier and shift widths; only the bit widths change
+DATAPATH_KEYS = ("block_in", "block_out", "accumulator_bits", "multiplier_bits", "shift_bits")
 # what is quantized, one at a time, and the hardware.layers key of its width (config.WIDTH_KEYS lists them all)
 LAYER_WIDTH_KEY = {"weight": "weight_bits", "activation": "activation_bits"}
 QUANTIZED = tuple(LAYER_WIDTH_KEY)
@@ -105,11 +108,18 @@ def model_at_stage2(source: Source, hardware: HardwareConfig | dict) -> StreamLI
     return model
 
 
-def uniform_config(width: int) -> HardwareConfig:
-    """``W = A = width`` with the default datapath's residual bits: the formats one layer is measured at."""
+def on_datapath(hw: HardwareConfig, datapath: HardwareConfig) -> HardwareConfig:
+    """``hw``'s widths on ``datapath``'s blocks, accumulator, multiplier and shift (:data:`DATAPATH_KEYS`)."""
+    return dataclasses.replace(hw, **{key: getattr(datapath, key) for key in DATAPATH_KEYS})
+
+
+def uniform_config(width: int, datapath: HardwareConfig = W12A12) -> HardwareConfig:
+    """``W = A = width`` with the default datapath's residual bits, on ``datapath``: the formats one layer is
+    measured at."""
     try:
-        return dataclasses.replace(W12A12, activation_bits=width, weight_bits=width,
-                                   precision_bits=width + W12A12.residual_bits, name=f"w{width}a{width}")
+        return on_datapath(dataclasses.replace(W12A12, activation_bits=width, weight_bits=width,
+                                               precision_bits=width + W12A12.residual_bits, name=f"w{width}a{width}"),
+                           datapath)
     except ConfigError as err:
         raise ConfigError(f"--widths {width}: not a width the datapath allows ({err})") from None
 
@@ -261,9 +271,10 @@ def layer_overrides(chosen: dict[str, dict[str, int]], base: HardwareConfig, cfg
     return overrides
 
 
-def allocation_config(chosen: dict[str, dict[str, int]], name: str, cfg: ModelConfig) -> HardwareConfig:
-    """The hardware config of an allocation over the default datapath; its own validation judges it."""
-    return dataclasses.replace(W12A12, layers=layer_overrides(chosen, W12A12, cfg), name=name)
+def allocation_config(chosen: dict[str, dict[str, int]], name: str, cfg: ModelConfig,
+                      datapath: HardwareConfig = W12A12) -> HardwareConfig:
+    """The hardware config of an allocation over the default widths on ``datapath``; its own validation judges it."""
+    return dataclasses.replace(on_datapath(W12A12, datapath), layers=layer_overrides(chosen, W12A12, cfg), name=name)
 
 
 def override_line(checkpoint: Path, hw: HardwareConfig) -> str:
@@ -310,17 +321,21 @@ def run_study(checkpoint: Path, data: Path | None = None, widths: Sequence[int] 
         raise ConfigError(f"--tolerances {' '.join(map(str, tolerances))}: must not be negative")
     source = read_source(checkpoint)
     cfg = source.model_cfg
-    widest = [uniform_config(width) for width in widths][-1]  # each width checked
+    datapath = hardware_config(source.configs["hardware"])
+    widest = [uniform_config(width, datapath) for width in widths][-1]  # each width checked
     try:  # the widest uniform datapath bounds every allocation's accumulators: checked before, not after, the study
         cfg.validate_against(widest)
     except ConfigError as err:
         raise ConfigError(f"--widths {widths[-1]}: too wide for this model ({err})") from None
+    uniform_configs = [on_datapath(hw, datapath) for hw in UNIFORM]
+    for hw in uniform_configs:  # the reference points too
+        cfg.validate_against(hw)
     loader = validation_loader(source, data, crop)
 
     def evaluate(model: StreamLIC) -> dict[str, float]:
         return StreamLICModule(model, **source.loss).evaluate(loader)
 
-    float_model = model_at_stage2(source, source.configs["hardware"])
+    float_model = model_at_stage2(source, datapath)
     float_module = StreamLICModule(float_model, **source.loss)
     float_metrics = float_module.evaluate(loader)
     changes = measure_layers(float_model, lambda: float_module.evaluate(loader)["loss"], widths)
@@ -340,9 +355,9 @@ def run_study(checkpoint: Path, data: Path | None = None, widths: Sequence[int] 
     allocations = []
     for tolerance in tolerances:
         chosen = allocate(changes, widths, tolerance, cfg)
-        allocations.append(measured(f"beta={tolerance:g}%", allocation_config(chosen, f"beta{tolerance:g}", cfg),
-                                    tolerance))
-    uniform = [measured(hw.name, hw, None) for hw in UNIFORM]
+        allocations.append(measured(f"beta={tolerance:g}%",
+                                    allocation_config(chosen, f"beta{tolerance:g}", cfg, datapath), tolerance))
+    uniform = [measured(hw.name, hw, None) for hw in uniform_configs]
     return {"checkpoint": str(checkpoint), "stage": source.stage,
             "data": str(data) if data is not None else f"the run's validation set ({source.data.get('source', 'demo')})",
             "images": len(loader.dataset), "crop": crop, "loss": source.loss, "widths": list(widths),
