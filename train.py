@@ -27,8 +27,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from streamlic.config import ConfigError
-from streamlic.runs import (CheckpointError, check_config, discard_unstarted_run, init_from_config, is_user_error,
-                            load_checkpoint, model_state, plain, resume_arguments, resume_config)
+from streamlic.runs import (CheckpointError, check_config, check_hardware, discard_unstarted_run, init_from_config,
+                            is_user_error, load_checkpoint, model_state, plain, resume_arguments, resume_config)
 
 if TYPE_CHECKING:
     import lightning as L
@@ -231,6 +231,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     max_epochs = cfg.trainer.get("max_epochs")
     if epochs_done is not None and max_epochs is not None and 0 <= max_epochs <= epochs_done:
         return already_finished(cfg, epochs_done)
+    if cfg.init_from or cfg.ckpt_path:  # check_config could not: the model and widths are the checkpoint's
+        check_hardware(cfg)
     parse_schedule(cfg.schedule.stages)  # schedule and launcher errors before anything is built
     check_launcher(cfg)
     apply_thread_policy(cfg.get("threads"))

@@ -70,7 +70,8 @@ def train(args: argparse.Namespace, name: str, seed: int) -> Path:
                f"seed={seed}", f"hydra.run.dir={out.resolve()}",
                *([f"data.val_patch_size={args.crop}"] if args.crop else []), *args.overrides]
     out.mkdir(parents=True, exist_ok=True)
-    if run(command, out.parent / f"{out.name}.log") or json.loads(results.read_text()).get("status") != "finished":
+    failed = run(command, out.parent / f"{out.name}.log")
+    if failed or not results.is_file() or json.loads(results.read_text()).get("status") != "finished":
         sys.exit(f"ERROR {name} seed {seed} did not finish: see {out.parent / f'{out.name}.log'}")
     return out
 

@@ -74,6 +74,20 @@ def test_a_bad_per_layer_value_names_its_key(layers, latent_bits, error):
     assert str(caught.value).startswith(error), caught.value
 
 
+@pytest.mark.parametrize("config, error", [
+    ({"layers": {"g_a": {"activation_bits": 15}}}, "hardware.layers.g_a.precision_bits=38: must be at most 31"),
+    ({"latent_bits": 15}, "hardware.layers.g_a.6.precision_bits=38: must be at most 31"),
+    ({"latent_bits": 12, "layers": {"g_a": {"precision_bits": 31}}},
+     "hardware.layers.g_a.6.precision_bits=35: must be at most 31"),
+])
+def test_a_precision_that_no_key_gives_is_named_by_the_key_that_sets_it(config, error):
+    # P = A + the residual (23 here): the error shows that P under its own key, not under the A key or a
+    # sub-network's P, whose values differ
+    with pytest.raises(ConfigError) as caught:
+        hardware_config({"activation_bits": 8, "weight_bits": 8, "precision_bits": 31, **config})
+    assert str(caught.value) == error
+
+
 def test_the_accumulator_is_checked_per_layer_at_its_widths():
     wide = hardware_config({"accumulator_bits": 36, "layers": {"g_a.4": {"weight_bits": 16}}})
     with pytest.raises(ConfigError, match=r"hardware.accumulator_bits=36: g_a.4 \(96 channels, 4x4 taps"):

@@ -170,20 +170,35 @@ def test_a_context_engine_of_mixed_widths_is_refused_before_training_unless_expo
     args = [*NOT_FROM_CHECKPOINT, *schedule(), f"init_from={stage2}", "test=false",
             "+hardware.layers.entropy_parameters.activation_bits=8", "trainer.max_epochs=3",
             "trainer.limit_train_batches=2", f"hydra.run.dir={out}"]
-    done = run_script([*args, "export=true"], timeout=300)
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [
+    refused = [
         "ERROR the context engine runs on one width, but its layers differ: context_prediction.1 A=12 W=12 P=16 "
         "(hardware.activation_bits, hardware.weight_bits); context_prediction.3 A=8 W=12 P=12 (hardware.layers."
         "entropy_parameters.activation_bits, hardware.weight_bits); entropy_parameters.0 A=8 W=12 P=12 "
         "(hardware.layers.entropy_parameters.activation_bits, hardware.weight_bits); entropy_parameters.2 A=8 W=12 "
         "P=12 (hardware.layers.entropy_parameters.activation_bits, hardware.weight_bits); give them the same "
         "hardware.layers widths (ctx2 and ep write the latent grid: hardware.latent_bits); or export=false to train "
-        "it without a hardware package"], done.stderr[-3000:]
+        "it without a hardware package"]
+    done = run_script([*args, "export=true"], timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == refused, done.stderr[-3000:]
     assert not out.exists()  # refused before anything was written
     # without the package it trains (`streamlic export` of its checkpoint is the same refusal: test_layer_widths)
     done = run_script([*args, "export=false"], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert (results["stage"], results["status"]) == ("qat", "finished")
-    assert (out / "checkpoints" / STAGE_CHECKPOINT_NAMES["qat"]).is_file()
+    qat = out / "checkpoints" / STAGE_CHECKPOINT_NAMES["qat"]
+    assert qat.is_file()
+    # its widths come from the checkpoint, not the command line: continuing it with the package is refused
+    # before training too, from its QAT checkpoint (a new run) or resumed with export=true
+    later = tmp_path / "later"
+    done = run_script([*NOT_FROM_CHECKPOINT, *schedule(), f"init_from={qat}", "test=false", "export=true",
+                       f"hydra.run.dir={later}"], timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == refused, done.stderr[-3000:]
+    assert not later.exists()
+    done = run_script([f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "export=true", "trainer.max_epochs=4",
+                       f"hydra.run.dir={out}"], timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == refused, done.stderr[-3000:]
+    assert not (out / "checkpoints" / STAGE_CHECKPOINT_NAMES["fix_encoder"]).exists()

@@ -16,7 +16,8 @@ from callbacks import STAGE_CHECKPOINT_NAMES
 from streamlic import StreamLIC, topology
 from streamlic.config import ModelConfig, hardware_config
 from streamlic.layers import LAGC
-from streamlic.sensitivity import allocate, allocation_config, measure_layers, uniform_config, weighted_specs, weights_at
+from streamlic.sensitivity import (allocate, allocation_config, measure_layers, run_study, uniform_config,
+                                  weighted_specs, weights_at)
 from streamlic.sensitivity_report import JSON_FILE, MARKDOWN_FILE, PLOT_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,6 +111,28 @@ def test_a_stage_1_checkpoint_is_one_error_line(tiny_run, tmp_path):
     assert done.returncode == 1 and len(lines) == 1, lines
     assert lines[0].startswith("ERROR CKPT=") and str(stage1) in lines[0] and "stage 2" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_is_a_file_is_refused_before_the_study(tiny_run, tmp_path):
+    taken = tmp_path / "results.txt"
+    taken.write_text("kept")
+    done = _command(tiny_run / STAGE_CHECKPOINT_NAMES["mask"], "-o", taken, "--force")
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 1 and lines == [f"ERROR {taken}: not a folder (-o names the folder of the study's "
+                                              "outputs)"], lines
+    assert taken.read_text() == "kept"
+
+
+def test_every_measured_config_keeps_the_checkpoints_block_size(tmp_path):
+    # a run at 8x8 blocks: its masks are cut in them, so an allocation or a reference point at the default
+    # 12x12 blocks could not even load its weights
+    out = tmp_path / "blocks8"
+    run_training(out, [*TINY, *schedule(aun=1, mask=1), "schedule.max_epochs=2", "test=false",
+                       "hardware.block_in=8", "hardware.block_out=8"])
+    results = run_study(out / "checkpoints" / STAGE_CHECKPOINT_NAMES["mask"], widths=(8, 12), tolerances=(1.0,))
+    configs = results["allocations"] + results["uniform"]
+    assert [config["name"] for config in configs] == ["beta=1%", "w12a12", "w8a8"]
+    assert all((config["hardware"]["block_in"], config["hardware"]["block_out"]) == (8, 8) for config in configs)
 
 
 def _independent_uniform_cost(stage2, bits: int, image_size) -> tuple[float, int]:

@@ -144,6 +144,8 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
     from .sensitivity_report import HARDWARE_GROUP, RESULT_FILES
 
     # the outputs are checked before the study, not after it: a new folder's parent, an existing one's files
+    if args.out.exists() and not args.out.is_dir():  # --force replaces files in the folder, not the folder
+        raise NotADirectoryError(f"{args.out}: not a folder (-o names the folder of the study's outputs)")
     outputs = ([*(args.out / name for name in RESULT_FILES), *(args.out / HARDWARE_GROUP).glob("*.yaml")]
                if args.out.is_dir() else [args.out])
     _check_paths([args.checkpoint, *([args.data] if args.data else [])], outputs, args.force)

@@ -118,16 +118,20 @@ class HardwareConfig:
         for path in (*SUBNETWORKS, *paths):
             (a, a_key), (w, w_key) = self._picked(path, "activation_bits"), self._picked(path, "weight_bits")
             p, p_key = self._picked(path, "precision_bits", default=a + self.residual_bits)
+            derived_p = p_key is None  # A + a residual, not a value some key gives
             if path in writers:
                 own = self.layers.get(path, {})
                 if own.get("activation_bits", latent) != latent:
                     raise ConfigError(f"hardware.layers.{path}.activation_bits={own['activation_bits']}: {path} "
                                       f"writes the latent grid, whose width is {latent} (hardware.latent_bits, else "
                                       f"the width of {PDF_INDEX_PATH}); set hardware.latent_bits instead")
-                p = p if "precision_bits" in own else latent + p - a
+                if "precision_bits" not in own:
+                    p, derived_p = latent + p - a, True
                 a, a_key = latent, a_key if "activation_bits" in own else latent_key
             keys = {"activation_bits": a_key, "weight_bits": w_key, "precision_bits": p_key or a_key}
-            _check_widths(a, w, p, keys)
+            # a derived P out of range is named by the key that would set it (not by one that holds another value)
+            _check_widths(a, w, p, {**keys, "precision_bits": f"hardware.layers.{path}.precision_bits"}
+                          if derived_p else keys)
             widths[path] = (a, w, p)
             self._sources[path] = keys
         return widths

@@ -275,9 +275,9 @@ class StreamLIC(StageState, CompressionModel):
 
     @property
     def grid_hw(self) -> HardwareConfig:
-        """The datapath whose latent grid and ranges the stage computes on: ``hw`` from QAT on, before it
-        :data:`fixedpoint.FLOAT_STAGE_HARDWARE` (float training does not depend on the bit widths); the latent
-        grid's datapath (``hw.latent_hw``), with per-layer widths."""
+        """The datapath whose latent grid and ranges the stage computes on: the latent grid's (``hw.latent_hw``:
+        ``hw`` itself unless per-layer widths give the grid another) from QAT on, before it
+        :data:`fixedpoint.FLOAT_STAGE_HARDWARE` (float training does not depend on the bit widths)."""
         return self.hw.latent_hw if self.quantized else fxp.FLOAT_STAGE_HARDWARE
 
     def hyper_symbols(self, z: Tensor) -> Tensor:

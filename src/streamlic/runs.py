@@ -61,17 +61,27 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("init_from", "ckpt_path"):
         if cfg.get(key):
             checkpoint_file(cfg[key], key)
-    if not cfg.get("ckpt_path") and isinstance(cfg.get("hardware"), DictConfig):  # a resumed run keeps its own
-        # the widths (global and per layer) and the accumulator, checked again when the network is built
-        model = model_config(OmegaConf.to_container(cfg.model, resolve=True)
-                             if isinstance(cfg.get("model"), DictConfig) else None)
-        hardware = hardware_config(OmegaConf.to_container(cfg.hardware, resolve=True))
-        model.validate_against(hardware)
-        if cfg.get("export"):  # refused now, not after training: the package is what the run exists for
-            try:
-                context_engine_widths(hardware, model)
-            except ConfigError as err:
-                raise ConfigError(f"{err}; or export=false to train it without a hardware package") from None
+    if cfg.get("ckpt_path") or not isinstance(cfg.get("hardware"), DictConfig):
+        return  # a resumed run's config is its stored one: train.py checks it once read (check_hardware)
+    if cfg.get("init_from"):  # the widths given; the checkpoint's model sizes (and widths) are not merged yet
+        hardware_config(OmegaConf.to_container(cfg.hardware, resolve=True))
+    else:
+        check_hardware(cfg)
+
+
+def check_hardware(cfg: DictConfig) -> None:
+    """The run's widths (global and per layer) against its model's blocks and accumulators, and, when it
+    exports, its context engine's one width: refused before training, not after it (checked again when
+    the network is built). ``cfg`` is the run's whole config: an ``init_from`` checkpoint's values merged."""
+    model = model_config(OmegaConf.to_container(cfg.model, resolve=True)
+                         if isinstance(cfg.get("model"), DictConfig) else None)
+    hardware = hardware_config(OmegaConf.to_container(cfg.hardware, resolve=True))
+    model.validate_against(hardware)
+    if cfg.get("export"):  # the package is what the run exists for
+        try:
+            context_engine_widths(hardware, model)
+        except ConfigError as err:
+            raise ConfigError(f"{err}; or export=false to train it without a hardware package") from None
 
 
 def checkpoint_file(path: str | Path, key: str) -> Path:

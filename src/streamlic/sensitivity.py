@@ -31,11 +31,11 @@ from torch import Tensor
 
 from . import fixedpoint as fxp
 from . import topology
-from .config import W8A8, W12A12, ConfigError, HardwareConfig, ModelConfig, model_config
+from .config import W8A8, W12A12, ConfigError, HardwareConfig, ModelConfig, hardware_config, model_config
 from .export.report import hardware_report
 from .kinds import kind_of
 from .layers import LAGC, QuantLayer
-from .layers.quant import SCALE_FLOOR, QuantizeWeight, weight_scale_of
+from .layers.quant import QuantizeWeight, activation_scale_of, weight_scale_of
 from .model import StreamLIC
 from .runs import CheckpointError, load_checkpoint, model_state
 from .stage import Stage
@@ -45,8 +45,12 @@ log = logging.getLogger(__name__)
 WIDTHS = (8, 10, 12)
 TOLERANCES = (0.5, 1.0, 2.0)  # percent of the float model's RD loss
 UNIFORM = (W12A12, W8A8)  # the reference points, conf/hardware/w12a12.yaml and w8a8.yaml
-QUANTIZED = ("weight", "activation")
-WIDTH_KEYS = {"weight": "weight_bits", "activation": "activation_bits"}
+# what every config the study builds keeps of the checkpoint's own: the block size its masks are cut in and the
+# accumulator, multiplier and shift widths; only the bit widths change
+DATAPATH_KEYS = ("block_in", "block_out", "accumulator_bits", "multiplier_bits", "shift_bits")
+# what is quantized, one at a time, and the hardware.layers key of its width (config.WIDTH_KEYS lists them all)
+LAYER_WIDTH_KEY = {"weight": "weight_bits", "activation": "activation_bits"}
+QUANTIZED = tuple(LAYER_WIDTH_KEY)
 
 
 @dataclass
@@ -104,11 +108,18 @@ def model_at_stage2(source: Source, hardware: HardwareConfig | dict) -> StreamLI
     return model
 
 
-def uniform_config(width: int) -> HardwareConfig:
-    """``W = A = width`` with the default datapath's residual bits: the formats one layer is measured at."""
+def on_datapath(hw: HardwareConfig, datapath: HardwareConfig) -> HardwareConfig:
+    """``hw``'s widths on ``datapath``'s blocks, accumulator, multiplier and shift (:data:`DATAPATH_KEYS`)."""
+    return dataclasses.replace(hw, **{key: getattr(datapath, key) for key in DATAPATH_KEYS})
+
+
+def uniform_config(width: int, datapath: HardwareConfig = W12A12) -> HardwareConfig:
+    """``W = A = width`` with the default datapath's residual bits, on ``datapath``: the formats one layer is
+    measured at."""
     try:
-        return dataclasses.replace(W12A12, activation_bits=width, weight_bits=width,
-                                   precision_bits=width + W12A12.residual_bits, name=f"w{width}a{width}")
+        return on_datapath(dataclasses.replace(W12A12, activation_bits=width, weight_bits=width,
+                                               precision_bits=width + W12A12.residual_bits, name=f"w{width}a{width}"),
+                           datapath)
     except ConfigError as err:
         raise ConfigError(f"--widths {width}: not a width the datapath allows ({err})") from None
 
@@ -157,12 +168,13 @@ def activations_at(layer: QuantLayer, spec: topology.LayerSpec, hw: HardwareConf
 
     A learned scale: ``act_absmax / (2**(A-1) - 1)`` from the tracked range, as QAT entry freezes it,
     and the A-bit clamp. A fixed-scale layer writes the latent grid: step ``2**-(A-8)`` and its A-bit
-    range replace the 12-bit ones of the float stages; the scale index's channels (``pdf_index``) keep
-    theirs, as the index table, not A, sets their step. The layer reading the image sets the image's
-    range too (8-bit pixels kept whole from A = 9 on, halved at A = 8): its input is quantized as well.
+    range (y's: the symbol range ``127 * 2**(A-8)``) replace the 12-bit ones of the float stages; the
+    scale index's channels (``pdf_index``) keep theirs, as the index table, not A, sets their step. The
+    layer reading the image sets the image's range too (8-bit pixels kept whole from A = 9 on, halved
+    at A = 8): its input is quantized as well.
     """
     if layer.fixed_scale is None:
-        scale = fxp.activation_scale(torch.clamp(layer.act_absmax, min=SCALE_FLOOR * hw.act_max), hw)
+        scale = activation_scale_of(layer.act_absmax, hw)
         handles = [layer.register_forward_hook(lambda module, args, out: on_grid(out, scale, hw.act_max * scale))]
         if topology.producers().get(spec.path) == topology.IMAGE:  # the input is x - 0.5
             handles.append(layer.register_forward_pre_hook(
@@ -233,7 +245,7 @@ def allocate(changes: dict[str, dict], widths: tuple[int, ...], tolerance: float
     def lowest(path: str, kind: str) -> int:
         return min((w for w in widths if changes[path][kind][w] <= tolerance / 100), default=max(widths))
 
-    chosen = {path: {WIDTH_KEYS[kind]: lowest(path, kind) for kind in QUANTIZED} for path in changes}
+    chosen = {path: {LAYER_WIDTH_KEY[kind]: lowest(path, kind) for kind in QUANTIZED} for path in changes}
     engine = list(topology.sparse_paths(cfg).values())
     on_latent_grid = engine + [spec.path for spec in topology.layers(cfg) if spec.fixed_scale and spec.path not in engine]
     engine_weight_bits = max(chosen[path]["weight_bits"] for path in engine)
@@ -255,7 +267,7 @@ def layer_overrides(chosen: dict[str, dict[str, int]], base: HardwareConfig, cfg
     writers = {spec.path for spec in topology.layers(cfg) if spec.fixed_scale and spec.role != "pdf_index"}
     overrides: dict[str, dict[str, int]] = {}
     for name, specs in topology.network(cfg).items():
-        for key in WIDTH_KEYS.values():
+        for key in LAYER_WIDTH_KEY.values():
             values = {spec.path: chosen[spec.path][key] for spec in specs
                       if spec.weighted and not (key == "activation_bits" and spec.path in writers)}
             common = Counter(values.values()).most_common(1)[0][0]
@@ -267,9 +279,10 @@ def layer_overrides(chosen: dict[str, dict[str, int]], base: HardwareConfig, cfg
     return overrides
 
 
-def allocation_config(chosen: dict[str, dict[str, int]], name: str, cfg: ModelConfig) -> HardwareConfig:
-    """The hardware config of an allocation over the default datapath; its own validation judges it."""
-    return dataclasses.replace(W12A12, layers=layer_overrides(chosen, W12A12, cfg), name=name)
+def allocation_config(chosen: dict[str, dict[str, int]], name: str, cfg: ModelConfig,
+                      datapath: HardwareConfig = W12A12) -> HardwareConfig:
+    """The hardware config of an allocation over the default widths on ``datapath``; its own validation judges it."""
+    return dataclasses.replace(on_datapath(W12A12, datapath), layers=layer_overrides(chosen, W12A12, cfg), name=name)
 
 
 def override_line(checkpoint: Path, hw: HardwareConfig) -> str:
@@ -316,17 +329,21 @@ def run_study(checkpoint: Path, data: Path | None = None, widths: Sequence[int] 
         raise ConfigError(f"--tolerances {' '.join(map(str, tolerances))}: must not be negative")
     source = read_source(checkpoint)
     cfg = source.model_cfg
-    widest = [uniform_config(width) for width in widths][-1]  # each width checked
+    datapath = hardware_config(source.configs["hardware"])
+    widest = [uniform_config(width, datapath) for width in widths][-1]  # each width checked
     try:  # the widest uniform datapath bounds every allocation's accumulators: checked before, not after, the study
         cfg.validate_against(widest)
     except ConfigError as err:
         raise ConfigError(f"--widths {widths[-1]}: too wide for this model ({err})") from None
+    uniform_configs = [on_datapath(hw, datapath) for hw in UNIFORM]
+    for hw in uniform_configs:  # the reference points too
+        cfg.validate_against(hw)
     loader = validation_loader(source, data, crop)
 
     def evaluate(model: StreamLIC) -> dict[str, float]:
         return StreamLICModule(model, **source.loss).evaluate(loader)
 
-    float_model = model_at_stage2(source, source.configs["hardware"])
+    float_model = model_at_stage2(source, datapath)
     float_module = StreamLICModule(float_model, **source.loss)
     float_metrics = float_module.evaluate(loader)
     changes = measure_layers(float_model, lambda: float_module.evaluate(loader)["loss"], widths)
@@ -351,9 +368,9 @@ def run_study(checkpoint: Path, data: Path | None = None, widths: Sequence[int] 
                         "chooses on noise; use more validation pixels (--crop, --data)", tolerance,
                         100 * resolution["change"], resolution["layer"], resolution["kind"], widths[-1])
         chosen = allocate(changes, widths, tolerance, cfg)
-        allocations.append(measured(f"beta={tolerance:g}%", allocation_config(chosen, f"beta{tolerance:g}", cfg),
-                                    tolerance))
-    uniform = [measured(hw.name, hw, None) for hw in UNIFORM]
+        allocations.append(measured(f"beta={tolerance:g}%",
+                                    allocation_config(chosen, f"beta{tolerance:g}", cfg, datapath), tolerance))
+    uniform = [measured(hw.name, hw, None) for hw in uniform_configs]
     return {"checkpoint": str(checkpoint), "stage": source.stage,
             "data": str(data) if data is not None else f"the run's validation set ({source.data.get('source', 'demo')})",
             "images": len(loader.dataset), "crop": crop, "loss": source.loss, "widths": list(widths),

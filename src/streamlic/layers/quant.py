@@ -145,6 +145,11 @@ def weight_scale_of(absmax: Tensor, hw: HardwareConfig) -> Tensor:
     return fxp.weight_scale(torch.clamp(absmax, min=SCALE_FLOOR), hw)
 
 
+def activation_scale_of(act_absmax: Tensor, hw: HardwareConfig) -> Tensor:
+    """Output scale of a tracked range ``act_absmax`` at ``hw``'s width (a range never measured gets a tiny one)."""
+    return fxp.activation_scale(torch.clamp(act_absmax, min=SCALE_FLOOR * hw.act_max), hw)
+
+
 def per_channel(t: Tensor) -> Tensor:
     return t.reshape(1, -1, 1, 1)
 
@@ -260,7 +265,7 @@ class QuantLayer(nn.Module):
         """Output scale for the running max ``act_absmax`` (in its dtype)."""
         if self.fixed_scale is not None:
             return act_absmax.new_tensor(self.fixed_scale)
-        return fxp.activation_scale(torch.clamp(act_absmax, min=SCALE_FLOOR * self.hw.act_max), self.hw)
+        return activation_scale_of(act_absmax, self.hw)
 
     @torch.no_grad()
     def track_range(self, out: Tensor) -> None:
