@@ -274,13 +274,14 @@ class StreamLICModule(L.LightningModule):
         metrics = self.train_metrics
         # A batch's MS-SSIM (5 scales of 11x11 Gaussian windows) costs about three times the tiny model's
         # whole training step on a CPU core (BENCHMARKS.md, bench/loader.py): it is measured on every
-        # trainer.log_every_n_steps-th batch of an epoch, its first included, and train/ms_ssim's epoch
-        # value is their mean (so every epoch has one).
+        # trainer.log_every_n_steps-th batch of an epoch, its first included, and train/ms_ssim is logged
+        # per epoch only, the mean of those batches (every epoch has one; no step value goes stale between).
         measure_ms_ssim = batch_idx % self.trainer.log_every_n_steps == 0
         metrics(loss, terms["bpp"], out["x_hat"], x, clamped, with_ms_ssim=measure_ms_ssim)
         self.log_dict({f"train/{name}": metric for name, metric in metrics.items().items()
-                       if name != "loss" and (name != "ms_ssim" or measure_ms_ssim)},
-                      on_step=True, on_epoch=True, batch_size=x.shape[0])
+                       if name not in ("loss", "ms_ssim")}, on_step=True, on_epoch=True, batch_size=x.shape[0])
+        if measure_ms_ssim:
+            self.log("train/ms_ssim", metrics.ms_ssim, on_step=False, on_epoch=True, batch_size=x.shape[0])
         self.log("train/loss", metrics.loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         extras = {"train/mse": terms["mse"], "train/aux_loss": aux_loss.detach(),
                   "train/lr": main_optimizer.param_groups[0]["lr"],

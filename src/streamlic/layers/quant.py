@@ -181,9 +181,11 @@ def reduce_over_ranks(batch_statistic: Tensor, op: str) -> Tensor:
         return batch_statistic
     if op == "max":
         dist.all_reduce(batch_statistic, op=dist.ReduceOp.MAX)
-    else:
+    elif op == "mean":
         dist.all_reduce(batch_statistic, op=dist.ReduceOp.SUM)
         batch_statistic.div_(dist.get_world_size())
+    else:
+        raise ValueError(f"reduce_over_ranks: op={op!r}, expected 'max' or 'mean'")
     return batch_statistic
 
 
