@@ -173,7 +173,8 @@ class IntegerModel:
         if height % topology.PAD_MULTIPLE or width % topology.PAD_MULTIPLE:
             raise ValueError(f"image size {height}x{width}: height and width must be multiples of "
                              f"{topology.PAD_MULTIPLE} (pad with streamlic.topology.pad_to_multiple)")
-        return as_int64(fxp.quantize_image(x.detach().cpu().to(torch.float64), self.hw.for_layer("g_a.0")))
+        hw = self.hw.for_layer(topology.image_reader())
+        return as_int64(fxp.quantize_image(x.detach().cpu().to(torch.float64), hw))
 
     def _analysis(self, x: Tensor, record: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         q = self.quantize_input(x)
