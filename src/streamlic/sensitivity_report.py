@@ -97,7 +97,7 @@ def write_results(results: dict[str, Any], out_dir: Path, force: bool) -> list[P
     """sensitivity.json, sensitivity.md, sensitivity.png and each allocation's ``hardware/<name>.yaml`` (a config
     of Hydra's hardware group, found with ``hydra.searchpath``) in ``out_dir``, each written whole or not at all.
     Adds the multirun that trains them (``sweep``) to ``results``."""
-    import yaml
+    from omegaconf import OmegaConf
 
     from .codec.io import write_atomically
 
@@ -106,8 +106,8 @@ def write_results(results: dict[str, Any], out_dir: Path, force: bool) -> list[P
     written = []
     for config in results["allocations"]:
         path = group / f"{config['hardware']['name']}.yaml"
-        text = f"# {config['name']}: made by streamlic sensitivity from {results['checkpoint']}\n" + yaml.safe_dump(
-            config["hardware"], sort_keys=False)
+        text = (f"# {config['name']}: made by streamlic sensitivity from {results['checkpoint']}\n"
+                + OmegaConf.to_yaml(OmegaConf.create(config["hardware"])))
         write_atomically(path, lambda f, text=text: f.write(text.encode()), force)
         written.append(path)
     results["sweep"] = sweep_line(results, out_dir)
