@@ -51,7 +51,7 @@ def canonical_layers(layers: Any) -> dict[str, dict[str, int]]:
 
 def _layer_paths() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The weighted layers' paths (the same for every size) and those of them that write the latent grid."""
-    return tuple(spec.path for spec in topology.layers(ModelConfig()) if spec.weighted), topology.latent_grid_writers()
+    return tuple(spec.path for spec in topology.layers(ModelConfig()) if spec.weighted), topology.LATENT_GRID_WRITERS
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ class IntegerModel:
         if height % topology.PAD_MULTIPLE or width % topology.PAD_MULTIPLE:
             raise ValueError(f"image size {height}x{width}: height and width must be multiples of "
                              f"{topology.PAD_MULTIPLE} (pad with streamlic.topology.pad_to_multiple)")
-        hw = self.hw.for_layer(topology.image_reader())
+        hw = self.hw.for_layer(topology.IMAGE_READER)
         return as_int64(fxp.quantize_image(x.detach().cpu().to(torch.float64), hw))
 
     def _analysis(self, x: Tensor, record: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:

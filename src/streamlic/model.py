@@ -103,7 +103,7 @@ class StreamLIC(StageState, CompressionModel):
     def input_scales(self) -> dict[str, float]:
         """Scale of the integers entering each sub-network (docs/fixed-point.md)."""
         ls = self.hw.latent_scale
-        image = fxp.image_scale(self.hw.for_layer(topology.image_reader()))
+        image = fxp.image_scale(self.hw.for_layer(topology.IMAGE_READER))
         return {"g_a": image, "h_a": ls, "h_s": 1.0, "g_s": ls,
                 "context_prediction": ls, "entropy_parameters": ls}
 
@@ -246,7 +246,7 @@ class StreamLIC(StageState, CompressionModel):
     def image_input(self, x: Tensor) -> Tensor:
         """The network input ``x - 0.5``; on the integer grid once quantized."""
         if self.quantized:
-            hw = self.hw.for_layer(topology.image_reader())  # the image enters at the first layer's width
+            hw = self.hw.for_layer(topology.IMAGE_READER)  # the image enters at the first layer's width
             return fxp.quantize_image(x, hw) * fxp.image_scale(hw)
         return x - 0.5
 

@@ -247,7 +247,7 @@ def allocate(changes: dict[str, dict], widths: tuple[int, ...], tolerance: float
 
     chosen = {path: {LAYER_WIDTH_KEY[kind]: lowest(path, kind) for kind in QUANTIZED} for path in changes}
     engine = list(topology.sparse_paths(cfg).values())
-    on_latent_grid = engine + [path for path in topology.latent_grid_writers() if path not in engine]
+    on_latent_grid = engine + [path for path in topology.LATENT_GRID_WRITERS if path not in engine]
     engine_weight_bits = max(chosen[path]["weight_bits"] for path in engine)
     latent_bits = max(chosen[path]["activation_bits"] for path in on_latent_grid)
     for path in engine:
@@ -264,7 +264,7 @@ def layer_overrides(chosen: dict[str, dict[str, int]], base: HardwareConfig, cfg
     The layers writing the latent grid take its width from the config's own rule (the entropy path's width,
     which the pdf-index layer's key sets), so theirs is not given.
     """
-    writers = set(topology.latent_grid_writers()) - {topology.layer_with(cfg, role="pdf_index").path}
+    writers = set(topology.LATENT_GRID_WRITERS) - {topology.layer_with(cfg, role="pdf_index").path}
     overrides: dict[str, dict[str, int]] = {}
     for name, specs in topology.network(cfg).items():
         for key in LAYER_WIDTH_KEY.values():

@@ -141,19 +141,6 @@ def producers() -> dict[str, str]:
     return found
 
 
-@lru_cache(maxsize=None)
-def latent_grid_writers() -> tuple[str, ...]:
-    """The layers whose output is on the latent grid (the ``fixed_scale`` ones: y, z, the hyper output, ctx2
-    and ep); their width is the latent grid's (paths are the same for every size)."""
-    return tuple(spec.path for name in SUBNETWORKS for spec in network(_ANY_SIZES)[name] if spec.fixed_scale)
-
-
-@lru_cache(maxsize=None)
-def image_reader() -> str:
-    """The layer that reads the image: its width sets the image's integer range."""
-    return next(path for path, source in producers().items() if source == IMAGE)
-
-
 def input_bound(spec: LayerSpec, hw: HardwareConfig) -> int:
     """The largest |integer| entering a layer: the image into ``g_a.0`` (at g_a.0's width), the 8-bit hyper
     symbols into ``h_s.0``, the latent grid's range into its readers, its producer's activation range elsewhere."""
@@ -325,3 +312,10 @@ def odd_channels(channels: int) -> Tensor:
     import torch
 
     return torch.arange(channels) % 2 == 1
+
+
+# The layers whose output is on the latent grid (the fixed_scale ones: y, z, the hyper output, ctx2 and ep):
+# their width is the latent grid's. And the layer that reads the image: its width sets the image's integer
+# range. Plain values (paths are the same for every size), so compiled code reads them without tracing a lookup.
+LATENT_GRID_WRITERS = tuple(spec.path for spec in layers(_ANY_SIZES) if spec.fixed_scale)
+IMAGE_READER = next(path for path, source in producers().items() if source == IMAGE)
