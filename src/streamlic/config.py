@@ -21,7 +21,6 @@ WIDTH_KEYS = ("activation_bits", "weight_bits", "precision_bits")  # what hardwa
 # the per-layer keys of HardwareConfig and their defaults: a config that leaves them so is a uniform one,
 # whose dict (and so the model hash, the manifest and a checkpoint's config) is that of before they existed
 PER_LAYER_DEFAULTS: dict[str, Any] = {"layers": {}, "latent_bits": None}
-PDF_INDEX_PATH = "entropy_parameters.2"  # the layer whose output grid is the latent grid (when latent_bits is unset)
 
 
 def canonical_layers(layers: Any) -> dict[str, dict[str, int]]:
@@ -112,7 +111,7 @@ class HardwareConfig:
         if self.latent_bits is not None:
             _check_widths(self.latent_bits, None, None, {"activation_bits": "hardware.latent_bits"})
         latent, latent_key = ((self.latent_bits, "hardware.latent_bits") if self.latent_bits is not None
-                              else self._picked(PDF_INDEX_PATH, "activation_bits"))
+                              else self._picked(topology.PDF_INDEX_LAYER, "activation_bits"))
         widths = {}
         for path in (*SUBNETWORKS, *paths):
             (a, a_key), (w, w_key) = self._picked(path, "activation_bits"), self._picked(path, "weight_bits")
@@ -123,7 +122,7 @@ class HardwareConfig:
                 if own.get("activation_bits", latent) != latent:
                     raise ConfigError(f"hardware.layers.{path}.activation_bits={own['activation_bits']}: {path} "
                                       f"writes the latent grid, whose width is {latent} (hardware.latent_bits, else "
-                                      f"the width of {PDF_INDEX_PATH}); set hardware.latent_bits instead")
+                                      f"the width of {topology.PDF_INDEX_LAYER}); set hardware.latent_bits instead")
                 if "precision_bits" not in own:
                     p, derived_p = latent + p - a, True
                 a, a_key = latent, a_key if "activation_bits" in own else latent_key
@@ -154,7 +153,7 @@ class HardwareConfig:
         """L: the width of the latent grid (y, mu, y_hat, the hyper-latent, the hyper and context outputs)."""
         if self.latent_bits is not None:
             return self.latent_bits
-        return self._widths[PDF_INDEX_PATH][0] if self._widths else self.activation_bits
+        return self._widths[topology.PDF_INDEX_LAYER][0] if self._widths else self.activation_bits
 
     def for_layer(self, path: str) -> HardwareConfig:
         """The datapath of one layer (or sub-network): its own A, W, P and the network's latent width, no ``layers``.
@@ -179,7 +178,7 @@ class HardwareConfig:
     @property
     def latent_hw(self) -> HardwareConfig:
         """The datapath of the latent grid: the symbols, mu and y_hat are formed and clamped at its width."""
-        return self.for_layer(PDF_INDEX_PATH)
+        return self.for_layer(topology.PDF_INDEX_LAYER)
 
     @property
     def residual_bits(self) -> int:

@@ -314,8 +314,10 @@ def odd_channels(channels: int) -> Tensor:
     return torch.arange(channels) % 2 == 1
 
 
-# The layers whose output is on the latent grid (the fixed_scale ones: y, z, the hyper output, ctx2 and ep):
-# their width is the latent grid's. And the layer that reads the image: its width sets the image's integer
-# range. Plain values (paths are the same for every size), so compiled code reads them without tracing a lookup.
+# Layers other parts look up, as plain values (paths are the same for every size; compiled code reads them
+# without tracing a lookup): those whose output is on the latent grid (the fixed_scale ones: y, z, the hyper
+# output, ctx2, ep), whose width is the latent grid's; the one reading the image, whose width sets the image's
+# integer range; ep, which writes mu and sets the latent grid's width unless hardware.latent_bits does.
 LATENT_GRID_WRITERS = tuple(spec.path for spec in layers(_ANY_SIZES) if spec.fixed_scale)
 IMAGE_READER = next(path for path, source in producers().items() if source == IMAGE)
+PDF_INDEX_LAYER = next(spec.path for spec in layers(_ANY_SIZES) if spec.role == "pdf_index")
