@@ -135,13 +135,15 @@ class IntegerModel:
         """One integer layer per row of the network table (streamlic.kinds); the row engine's layers by their
         short names."""
         net = topology.network(self.model_cfg)
+        tanh_luts = {self.hw.activation_bits: self.tanh_lut}  # one table per activation width (LAGC's tanh)
 
         def build(spec: topology.LayerSpec):
             kind = kinds.kind_of(spec)
             params = self._layer_params(spec.path, tuple(kind.fields)) if kind.fields else {}
             hw = self.hw.for_layer(spec.path)  # each layer at its own widths, reading its producer's
-            tanh_lut = self.tanh_lut if hw.activation_bits == self.hw.activation_bits else fxp.tanh_table(hw)
-            context = kinds.IntegerContext(hw, as_int64(tanh_lut), topology.input_bound(spec, self.hw),
+            if hw.activation_bits not in tanh_luts:
+                tanh_luts[hw.activation_bits] = as_int64(fxp.tanh_table(hw))
+            context = kinds.IntegerContext(hw, tanh_luts[hw.activation_bits], topology.input_bound(spec, self.hw),
                                            self.context_engine)
             return kinds.build_integer(spec, params, context)
 
