@@ -9,7 +9,6 @@ from torch import Tensor
 from .. import fixedpoint as fxp
 from .. import topology
 from ..config import HardwareConfig, ModelConfig
-from ..formats import bit_widths
 from ..integer_layers import block_mask
 from ..kinds import kind_of
 
@@ -48,7 +47,6 @@ def hardware_report(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, mo
     accumulator does not fit ``hw.accumulator_bits``.
     """
     layers = []
-    widths = bit_widths(hw)
     specs = {spec.path: spec for spec in topology.layers(model_cfg)}
     for row in _layer_table(model_cfg, hw, height, width):
         p = params[row["layer"]]
@@ -59,7 +57,7 @@ def hardware_report(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, mo
         acc_bits = fxp.accumulator_bits(worst)
         layer_hw = hw.for_layer(row["layer"])
         input_bits = fxp.accumulator_bits(row["input_bound"])  # the multiplier's activation operand
-        if acc_bits > widths["accumulator"]:
+        if acc_bits > hw.accumulator_bits:
             raise fxp.FixedPointError(
                 f"{row['layer']}: worst-case accumulator |acc| <= {worst:.4g} needs {acc_bits} bits, more than "
                 f"hardware.accumulator_bits={hw.accumulator_bits}")
@@ -70,7 +68,7 @@ def hardware_report(params: dict[str, dict[str, Tensor]], hw: HardwareConfig, mo
                  "weight_bits_used": fxp.accumulator_bits(float(weight.abs().max())),
                  # the multiplier-area proxy: each MAC weighs its operands' widths
                  "bit_macs_sparse": active * row["positions"] * layer_hw.weight_bits * input_bits,
-                 "accumulator_bits": acc_bits, "accumulator_bits_limit": widths["accumulator"]}
+                 "accumulator_bits": acc_bits, "accumulator_bits_limit": hw.accumulator_bits}
         if "mask" in p:
             blocks = block_mask(p["mask"], hw.block_in, hw.block_out)
             entry.update(blocks_per_group=blocks_per_group[row["short_name"]],
