@@ -83,9 +83,9 @@ def spread(values: list[float], scale: float = 100.0, decimals: int = 2) -> str:
     return f"{mean:+.{decimals}f} ± {statistics.stdev(values) * scale:.{decimals}f}"
 
 
-def stage_losses(run_dir: Path) -> dict[str, float]:
-    """Validation loss at QAT entry and at the end of stages 3-5, from the run's stage report."""
-    rows = {row["stage"]: row for row in json.loads((run_dir / "results.json").read_text())["stage_report"]}
+def stage_losses(results: dict) -> dict[str, float]:
+    """Validation loss at QAT entry and at the end of stages 3-5, from a run's stage report (its results.json)."""
+    rows = {row["stage"]: row for row in results["stage_report"]}
     return {"qat_entry": rows["qat"]["start"]["loss"], **{stage: rows[stage]["end"]["loss"] for stage in STAGES}}
 
 
@@ -99,13 +99,14 @@ def table(study: dict, runs: dict[str, list[Path]], named: dict[str, list[dict]]
     summary = {}
     for name, dirs in runs.items():
         record = named[name][0]
-        losses = [stage_losses(run_dir) for run_dir in dirs]
+        results = [json.loads((run_dir / "results.json").read_text()) for run_dir in dirs]
+        losses = [stage_losses(result) for result in results]
         entry = {loss["qat_entry"] for loss in losses}
         # the runs' own QAT entry is the sensitivity command's: the same weights, scales and validation images
         if any(abs(value / record["qat_entry"]["loss"] - 1) > 1e-4 for value in entry):
             sys.exit(f"ERROR {name}: the runs' QAT-entry loss {sorted(entry)} is not the sensitivity command's "
                      f"{record['qat_entry']['loss']:.6f}: not the same validation set or model")
-        tests = [json.loads((run_dir / "results.json").read_text())["test"] for run_dir in dirs]
+        tests = [result["test"] for result in results]
         changes = {stage: [loss[stage] / float_loss - 1 for loss in losses] for stage in STAGES}
         label = " = ".join(r["name"] for r in named[name])
         lines.append(f"| {label} | {record['latent_bits']} | {record['bit_cost']:,.0f} | "
